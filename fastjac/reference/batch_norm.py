@@ -59,7 +59,7 @@ def bn_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, 
                 unbiased = var * count / (count - 1)
                 running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
     else:
-        mean, var = running_mean.to(xs.dtype), running_var.to(xs.dtype)
+        mean, var = running_mean.to(xs.dtype, copy=True), running_var.to(xs.dtype)
     invstd = (var + eps).rsqrt()
     z = (xs - _channel(mean, x)) * _channel(invstd, x) * _gamma(weight, x)
     if bias is not None:

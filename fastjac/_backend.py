@@ -1,0 +1,129 @@
+"""Backend discovery and selection.
+
+A backend is a table of the kernels listed in ``csrc/KERNELS.md``:
+
+- ``reference``: pure PyTorch (:mod:`fastjac.reference`), always available, any device;
+- ``cpu``: the C++ kernels of the compiled extension ``fastjac._C`` (CPU tensors);
+- ``cuda``: the CUDA kernels of ``fastjac._C`` when it was built with them (CUDA tensors);
+- ``triton``: Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+``FASTJAC_BACKEND=auto|reference|cpu|cuda|triton`` (read at import) or :func:`use_backend` forces one;
+``auto`` picks the fastest available backend for each tensor's device.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+
+import torch
+
+from . import reference
+
+BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
+_CHOICES = ("auto",) + BACKEND_NAMES
+
+try:  # the compiled extension registers torch.ops.fastjac.<kernel>
+    from . import _C  # noqa: F401
+
+    _EXTENSION_ERROR = None
+except ImportError as exc:  # pragma: no cover - exercised on machines without a build
+    _C = None
+    _EXTENSION_ERROR = exc
+
+
+def _cuda_compiled() -> bool:
+    return _C is not None and bool(_C.compiled_with_cuda())
+
+
+def _triton_kernels():
+    """The Triton kernel table, or None when Triton kernels are not provided by this build."""
+    return None
+
+
+def backends() -> dict[str, bool]:
+    """Which backends can run here: ``{"reference": True, "cpu": ..., "cuda": ..., "triton": ...}``.
+
+    ``cuda`` needs the extension compiled with CUDA *and* a usable GPU; ``cuda_compiled`` reports the
+    former alone.
+    """
+    return {
+        "reference": True,
+        "cpu": _C is not None,
+        "cuda": _cuda_compiled() and torch.cuda.is_available(),
+        "cuda_compiled": _cuda_compiled(),
+        "triton": _triton_kernels() is not None,
+    }
+
+
+def _validate_choice(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name not in _CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(_CHOICES)}; got {name!r}")
+    return name
+
+
+_forced = _validate_choice(os.environ.get("FASTJAC_BACKEND", "auto"), "FASTJAC_BACKEND")
+
+
+def current_backend() -> str:
+    """The forced backend name, or ``"auto"``."""
+    return _forced
+
+
+def set_backend(name: str) -> None:
+    """Force a backend for all subsequent fastjac ops (``"auto"`` restores automatic choice)."""
+    global _forced
+    _forced = _validate_choice(name, "backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager forcing a backend inside a ``with`` block."""
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _unavailable(name: str, device: torch.device) -> RuntimeError:
+    why = {
+        "cpu": f"the C++ extension fastjac._C is not built ({_EXTENSION_ERROR}); "
+        "build it with `pip install -e . --no-build-isolation`",
+        "cuda": "fastjac._C was built without CUDA kernels (FASTJAC_BUILD_CUDA) or no GPU is usable",
+        "triton": "this build provides no Triton kernels",
+    }.get(name, "")
+    return RuntimeError(f"fastjac backend {name!r} is not available for {device} tensors: {why}")
+
+
+def backend_name(device: torch.device) -> str:
+    """The backend that serves tensors on ``device`` under the current choice."""
+    available = backends()
+    if _forced == "auto":
+        if device.type == "cpu":
+            return "cpu" if available["cpu"] else "reference"
+        if device.type == "cuda":
+            if available["cuda"]:
+                return "cuda"
+            return "triton" if available["triton"] else "reference"
+        return "reference"
+    name = _forced
+    if not available[name]:
+        raise _unavailable(name, device)
+    if name == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"fastjac backend 'cpu' runs CPU tensors only; got a tensor on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"fastjac backend 'cuda' runs CUDA tensors only; got a tensor on {device}")
+    return name
+
+
+def kernels(device: torch.device) -> types.ModuleType | object:
+    """The kernel table (attributes named as in ``csrc/KERNELS.md``) for tensors on ``device``."""
+    name = backend_name(device)
+    if name == "reference":
+        return reference
+    if name in ("cpu", "cuda"):
+        return torch.ops.fastjac
+    return _triton_kernels()

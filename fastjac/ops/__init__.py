@@ -1,0 +1,6 @@
+"""Fused, second-order differentiable ops mirroring ``torch.nn.functional``."""
+from .batch_norm import batch_norm, batch_norm_relu
+from .relu import relu
+from .softplus import softplus
+
+__all__ = ["batch_norm", "batch_norm_relu", "relu", "softplus"]

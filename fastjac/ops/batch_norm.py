@@ -1,0 +1,217 @@
+"""Fused BatchNorm and BatchNorm+ReLU, with ``nn.BatchNorm`` running-statistics semantics.
+
+Chain (``relu`` flag fuses the ReLU, saving a 1-bit mask of ``z > 0``):
+``fastjac::batch_norm`` (y, mean, invstd, mask, updated running statistics, written back once by the caller) ->
+``fastjac::batch_norm_backward`` (gx, gw, gb) -> ``fastjac::batch_norm_double_backward`` (ggrad, gx, gw),
+plus ``fastjac::batch_norm_jvp`` for forward mode. The backward links take the saved batch statistics as
+constants and return total derivatives (the statistics' dependence on ``x`` is in the formulas of
+``csrc/KERNELS.md``), so nothing downstream ever touches the running statistics again.
+Orders beyond the double backward differentiate the reference formulas.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, reference
+from .._autograd import differentiable, reference_links, save_inputs, saved_inputs
+from ._checks import check_channel_vector, check_float_tensor
+
+
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _like(t):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _channel_stat(x):
+    return x.new_empty((x.shape[1],), dtype=_stat_dtype(x))
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+@torch.library.custom_op("fastjac::batch_norm", mutates_args=())
+def _batch_norm_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # Functional (autograd needs it): the kernel updates copies of the running statistics, which the
+    # caller writes back once; they are C-element vectors, so the copies cost nothing measurable.
+    rm = None if running_mean is None else running_mean.clone()
+    rv = None if running_var is None else running_var.clone()
+    y, mean, invstd, mask = _backend.kernels(x.device).bn_fwd(
+        x.contiguous(), weight, bias, rm, rv, training, momentum, eps, relu
+    )
+    empty = x.new_empty((0,), dtype=_stat_dtype(x))
+    return y, mean, invstd, mask, empty if rm is None else rm, empty if rv is None else rv
+
+
+@_batch_norm_op.register_fake
+def _(x, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+    mask = x.new_empty(((x.numel() + 7) // 8 if relu else 0,), dtype=torch.uint8)
+    stats = [x.new_empty((0,), dtype=_stat_dtype(x)) if r is None else _like(r) for r in (running_mean, running_var)]
+    return _like(x), _channel_stat(x), _channel_stat(x), mask, *stats
+
+
+@torch.library.custom_op("fastjac::batch_norm_backward", mutates_args=())
+def _batch_norm_backward_op(
+    grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], mask: Tensor,
+    training: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    k = _backend.kernels(x.device)
+    return k.bn_bwd(grad.contiguous(), x, mean, invstd, weight, mask, training, relu)
+
+
+@_batch_norm_backward_op.register_fake
+def _(grad, x, mean, invstd, weight, mask, training, relu):
+    return _like(x), _channel_stat(x), _channel_stat(x)
+
+
+@torch.library.custom_op("fastjac::batch_norm_double_backward", mutates_args=())
+def _batch_norm_double_backward_op(
+    ggx: Optional[Tensor], ggw: Optional[Tensor], ggb: Optional[Tensor], grad: Tensor, x: Tensor,
+    mean: Tensor, invstd: Tensor, weight: Optional[Tensor], mask: Tensor, training: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    k = _backend.kernels(x.device)
+    return k.bn_dbwd(_c(ggx), _c(ggw), _c(ggb), grad.contiguous(), x, mean, invstd, weight, mask, training, relu)
+
+
+@_batch_norm_double_backward_op.register_fake
+def _(ggx, ggw, ggb, grad, x, mean, invstd, weight, mask, training, relu):
+    return _like(x), _like(x), _channel_stat(x)
+
+
+@torch.library.custom_op("fastjac::batch_norm_jvp", mutates_args=())
+def _batch_norm_jvp_op(
+    tx: Optional[Tensor], tw: Optional[Tensor], tb: Optional[Tensor], x: Tensor, mean: Tensor,
+    invstd: Tensor, weight: Optional[Tensor], mask: Tensor, training: bool, relu: bool,
+) -> Tensor:
+    k = _backend.kernels(x.device)
+    return k.bn_jvp(_c(tx), _c(tw), _c(tb), x, mean, invstd, weight, mask, training, relu)
+
+
+@_batch_norm_jvp_op.register_fake
+def _(tx, tw, tb, x, mean, invstd, weight, mask, training, relu):
+    return _like(x)
+
+
+# --- link 1: batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, relu) ---
+def _save_forward(ctx, inputs, output):
+    x, weight = inputs[0], inputs[1]
+    _, mean, invstd, mask, new_mean, new_var = output
+    ctx.mark_non_differentiable(mean, invstd, mask, new_mean, new_var)
+    ctx.save_for_backward(x, weight, mean, invstd, mask)
+    ctx.training, ctx.relu = inputs[5], inputs[8]
+
+
+def _forward_vjp(ctx, grad, *_non_differentiable):
+    if grad is None:
+        return (None,) * 9
+    x, weight, mean, invstd, mask = ctx.saved_tensors
+    gx, gw, gb = batch_norm_backward(grad, x, mean, invstd, weight, mask, ctx.training, ctx.relu)
+    need = ctx.needs_input_grad
+    gw = gw.to(weight.dtype) if need[1] else None
+    gb = gb.to(weight.dtype if weight is not None else gb.dtype) if need[2] else None
+    return (gx if need[0] else None), gw, gb, None, None, None, None, None, None
+
+
+def _forward_jvp(ctx, tx, tw, tb, *_):
+    x, weight, mean, invstd, mask = ctx.saved_tensors
+    y_dot = _batch_norm_jvp(tx, tw, tb, x, mean, invstd, weight, mask, ctx.training, ctx.relu)
+    return y_dot, None, None, None, None, None
+
+
+# --- link 2: batch_norm_backward(grad, x, mean, invstd, weight, mask, training, relu) ----------------
+def _backward_vjp(ctx, ggx, ggw, ggb):
+    if ggx is None and ggw is None and ggb is None:
+        return (None,) * 8
+    grad, x, mean, invstd, weight, mask, training, relu = saved_inputs(ctx)
+    ggrad, gx, gw = batch_norm_double_backward(ggx, ggw, ggb, grad, x, mean, invstd, weight, mask, training, relu)
+    need = ctx.needs_input_grad
+    gw = gw.to(weight.dtype) if need[4] else None
+    return (ggrad if need[0] else None), (gx if need[1] else None), None, None, gw, None, None, None
+
+
+_backward_ref_vjp, _backward_ref_jvp = reference_links(reference.bn_bwd)
+_dbwd_vjp, _dbwd_jvp = reference_links(reference.bn_dbwd)
+_jvp_vjp, _jvp_jvp = reference_links(reference.bn_jvp)
+
+_batch_norm = differentiable(_batch_norm_op, setup_context=_save_forward, backward=_forward_vjp, jvp=_forward_jvp)
+_batch_norm_backward = differentiable(
+    _batch_norm_backward_op, setup_context=save_inputs, backward=_backward_vjp, jvp=_backward_ref_jvp
+)
+_batch_norm_double_backward = differentiable(
+    _batch_norm_double_backward_op, setup_context=save_inputs, backward=_dbwd_vjp, jvp=_dbwd_jvp
+)
+_batch_norm_jvp = differentiable(_batch_norm_jvp_op, setup_context=save_inputs, backward=_jvp_vjp, jvp=_jvp_jvp)
+
+
+def batch_norm_backward(grad, x, mean, invstd, weight, mask, training: bool, relu: bool):
+    """VJP of batch norm (+ReLU) for ``(x, weight, bias)``: ``(gx, gw, gb)``, differentiable."""
+    return _batch_norm_backward(grad.contiguous(), x, mean, invstd, weight, mask, training, relu)
+
+
+def batch_norm_double_backward(ggx, ggw, ggb, grad, x, mean, invstd, weight, mask, training: bool, relu: bool):
+    """VJP of :func:`batch_norm_backward` for ``(grad, x, weight)``; any of ``ggx, ggw, ggb`` may be None."""
+    return _batch_norm_double_backward(
+        _c(ggx), _c(ggw), _c(ggb), grad.contiguous(), x, mean, invstd, weight, mask, training, relu
+    )
+
+
+def _validate(op, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    check_float_tensor(x, "x", op)
+    if x.dim() < 2:
+        raise ValueError(f"fastjac.ops.{op}: x must be N x C x (spatial...) with at least 2 dims, got shape {tuple(x.shape)}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        check_channel_vector(t, name, op, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"fastjac.ops.{op}: running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"fastjac.ops.{op}: running_mean and running_var are required when training=False")
+    if training and x.numel() // max(x.shape[1], 1) <= 1:
+        raise ValueError(
+            f"fastjac.ops.{op}: expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}"
+        )
+    if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
+        raise TypeError(f"fastjac.ops.{op}: momentum must be a float (the module resolves momentum=None), got {momentum!r}")
+    if not eps > 0:
+        raise ValueError(f"fastjac.ops.{op}: eps must be positive, got {eps!r}")
+
+
+def _run(op, relu, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    _validate(op, x, running_mean, running_var, weight, bias, training, momentum, eps)
+    y, _, _, _, new_mean, new_var = _batch_norm(
+        x.contiguous(), weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps), relu
+    )
+    if training and running_mean is not None:  # the one and only running-statistics update
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return y
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """``F.batch_norm``: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel (dim 1).
+
+    Training uses batch statistics and updates the running ones once, ``r <- (1 - momentum) r + momentum s``
+    with the unbiased variance; eval uses the running statistics.
+    """
+    return _run("batch_norm", False, x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def batch_norm_relu(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """``relu(batch_norm(...))`` fused, forward to double backward; same arguments as :func:`batch_norm`."""
+    return _run("batch_norm_relu", True, x, running_mean, running_var, weight, bias, training, momentum, eps)
