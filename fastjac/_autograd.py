@@ -16,11 +16,14 @@ from typing import Callable, Sequence
 import torch
 
 
-def differentiable(op, *, setup_context: Callable, backward: Callable, jvp: Callable) -> Callable:
+def differentiable(
+    op, *, setup_context: Callable, backward: Callable, jvp: Callable, forward: Callable | None = None
+) -> Callable:
     """Register ``backward`` on the custom op ``op`` and return an ``apply`` that also supports ``jvp``.
 
     ``setup_context(ctx, inputs, output)`` must save what ``backward`` and ``jvp`` read with
-    ``ctx.save_for_backward`` (it is also used for forward mode).
+    ``ctx.save_for_backward`` (it is also used for forward mode). ``forward(*args)``, default ``op``,
+    runs below autograd and functorch transforms, on plain tensors.
     """
 
     def _setup(ctx, inputs, output):
@@ -29,8 +32,10 @@ def differentiable(op, *, setup_context: Callable, backward: Callable, jvp: Call
 
     op.register_autograd(backward, setup_context=_setup)
 
+    run = forward or op
+
     def forward(*args):
-        return op(*args)
+        return run(*args)
 
     def setup_both(ctx, inputs, output):
         _setup(ctx, inputs, output)
@@ -50,56 +55,52 @@ def differentiable(op, *, setup_context: Callable, backward: Callable, jvp: Call
     return fn.apply
 
 
-def _leaf_like(t: torch.Tensor | None, wanted: bool):
-    """Use ``t`` in a local graph: as is when it already carries one, else as a fresh leaf."""
-    if t is None or not wanted:
-        return t
-    return t if t.requires_grad else t.detach().requires_grad_()
+def _partial(fn: Callable, inputs: Sequence, chosen: Sequence[bool]):
+    """``fn`` as a function of the chosen inputs only (the others are bound as constants)."""
+
+    def bound(*picked):
+        it = iter(picked)
+        return fn(*[next(it) if c else a for a, c in zip(inputs, chosen)])
+
+    return bound, [a for a, c in zip(inputs, chosen) if c]
 
 
 def reference_vjp(fn: Callable, inputs: Sequence, needs_grad: Sequence[bool], grads: Sequence):
-    """VJP of ``fn(*inputs)`` (a reference kernel) for ``grads``, one entry per input (None if unused).
+    """VJP of ``fn(*inputs)`` (a reference kernel) for ``grads``, one result per input (None if unused).
 
-    When called inside a backward with ``create_graph=True`` the result stays differentiable.
+    Uses ``torch.func.vjp``, so it nests under torch.func transforms, and the result stays differentiable
+    when called inside a backward with ``create_graph=True``.
     """
-    create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        args = [_leaf_like(a, w) if isinstance(a, torch.Tensor) else a for a, w in zip(inputs, needs_grad)]
-        outs = fn(*args)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        wrt = [a for a, w in zip(args, needs_grad) if w and isinstance(a, torch.Tensor)]
-        if not pairs or not wrt:
-            return [None] * len(inputs)
-        got = iter(
-            torch.autograd.grad(
-                [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True, create_graph=create_graph
-            )
-        )
-    return [next(got) if w and isinstance(a, torch.Tensor) else None for a, w in zip(inputs, needs_grad)]
+    chosen = [isinstance(a, torch.Tensor) and bool(w) for a, w in zip(inputs, needs_grad)]
+    if not any(chosen):
+        return [None] * len(inputs)
+    bound, primals = _partial(fn, inputs, chosen)
+    outs, pullback = torch.func.vjp(bound, *primals)
+    single = not isinstance(outs, tuple)
+    cotangents = [torch.zeros_like(o) if g is None else g for o, g in zip((outs,) if single else outs, grads)]
+    it = iter(pullback(cotangents[0] if single else tuple(cotangents)))
+    return [next(it) if c else None for c in chosen]
 
 
 def reference_jvp(fn: Callable, inputs: Sequence, tangents: Sequence):
-    """JVP of ``fn(*inputs)`` by the double-VJP identity ``J t = d/dv (v^T J) t`` (no forward-mode needed)."""
-    with torch.enable_grad():
-        wanted = [isinstance(a, torch.Tensor) and t is not None for a, t in zip(inputs, tangents)]
-        args = [a.detach().requires_grad_() if w else a for a, w in zip(inputs, wanted)]
-        outs = fn(*args)
-        single = not isinstance(outs, tuple)
-        outs = (outs,) if single else outs
-        live = [o for o in outs if o.requires_grad]
-        dummies = [torch.zeros_like(o, requires_grad=True) for o in live]
-        wrt = [a for a, w in zip(args, wanted) if w]
-        vjps = torch.autograd.grad(live, wrt, dummies, create_graph=True, allow_unused=True)
-        pairs = [(v, t) for v, t in zip(vjps, [t for t, w in zip(tangents, wanted) if w]) if v is not None]
-        if pairs:
-            jvps = torch.autograd.grad([v for v, _ in pairs], dummies, [t for _, t in pairs], allow_unused=True)
-        else:
-            jvps = [None] * len(dummies)
-    it = iter(jvps)
-    result = tuple((next(it) if o.requires_grad else None) for o in outs)
-    result = tuple(torch.zeros_like(o) if r is None else r.detach() for o, r in zip(outs, result))
-    return result[0] if single else result
+    """JVP of ``fn(*inputs)`` (a reference kernel); None tangents count as zero.
+
+    Computed as the VJP of the (linear) VJP, ``J t = d/dv (v^T J) . t``, with ``torch.func.vjp``: it
+    nests both under torch.func transforms and inside ``torch.autograd.forward_ad`` (which cannot nest
+    a second forward level).
+    """
+    chosen = [isinstance(a, torch.Tensor) and t is not None for a, t in zip(inputs, tangents)]
+    bound, primals = _partial(fn, inputs, chosen)
+    outs, pullback = torch.func.vjp(bound, *primals)
+    single = not isinstance(outs, tuple)
+    outs_t = (outs,) if single else outs
+    if not primals:
+        zeros = tuple(torch.zeros_like(o) for o in outs_t)
+        return zeros[0] if single else zeros
+    cotangent = tuple(torch.zeros_like(o) for o in outs_t)
+    _, pullback_of_pullback = torch.func.vjp(lambda *v: pullback(v[0] if single else v), *cotangent)
+    result = pullback_of_pullback(tuple(t for t, c in zip(tangents, chosen) if c))
+    return result[0] if single else tuple(result)
 
 
 def save_inputs(ctx, inputs, output) -> None:

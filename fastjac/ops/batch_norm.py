@@ -55,8 +55,8 @@ def _batch_norm_op(
     y, mean, invstd, mask = _backend.kernels(x.device).bn_fwd(
         x.contiguous(), weight, bias, rm, rv, training, momentum, eps, relu
     )
-    empty = x.new_empty((0,), dtype=_stat_dtype(x))
-    return y, mean, invstd, mask, empty if rm is None else rm, empty if rv is None else rv
+    rm, rv = (x.new_empty((0,), dtype=_stat_dtype(x)) if r is None else r for r in (rm, rv))
+    return y, mean, invstd, mask, rm, rv
 
 
 @_batch_norm_op.register_fake
@@ -149,7 +149,20 @@ _backward_ref_vjp, _backward_ref_jvp = reference_links(reference.bn_bwd)
 _dbwd_vjp, _dbwd_jvp = reference_links(reference.bn_dbwd)
 _jvp_vjp, _jvp_jvp = reference_links(reference.bn_jvp)
 
-_batch_norm = differentiable(_batch_norm_op, setup_context=_save_forward, backward=_forward_vjp, jvp=_forward_jvp)
+def _forward_and_update(x, weight, bias, running_mean, running_var, training, momentum, eps, relu):
+    """The op, then the one and only running-statistics update. Inside the autograd.Function's forward
+    this sees plain tensors even under torch.func transforms, as PyTorch's own batch norm does."""
+    out = _batch_norm_op(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(out[4])
+            running_var.copy_(out[5])
+    return out
+
+
+_batch_norm = differentiable(
+    _batch_norm_op, setup_context=_save_forward, backward=_forward_vjp, jvp=_forward_jvp, forward=_forward_and_update
+)
 _batch_norm_backward = differentiable(
     _batch_norm_backward_op, setup_context=save_inputs, backward=_backward_vjp, jvp=_backward_ref_jvp
 )
@@ -193,14 +206,10 @@ def _validate(op, x, running_mean, running_var, weight, bias, training, momentum
 
 def _run(op, relu, x, running_mean, running_var, weight, bias, training, momentum, eps):
     _validate(op, x, running_mean, running_var, weight, bias, training, momentum, eps)
-    y, _, _, _, new_mean, new_var = _batch_norm(
+    out = _batch_norm(
         x.contiguous(), weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps), relu
     )
-    if training and running_mean is not None:  # the one and only running-statistics update
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-    return y
+    return out[0]
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
