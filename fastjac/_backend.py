@@ -25,7 +25,9 @@ _CHOICES = ("auto",) + BACKEND_NAMES
 
 try:  # the compiled extension registers torch.ops.fastjac.<kernel>
     from . import _C  # noqa: F401
+    from . import _kernel_fakes
 
+    _kernel_fakes.register()
     _EXTENSION_ERROR = None
 except ImportError as exc:  # pragma: no cover - exercised on machines without a build
     _C = None

