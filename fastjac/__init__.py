@@ -3,8 +3,9 @@
 Fused second-order differentiable ops (:mod:`fastjac.ops`), drop-in modules (:mod:`fastjac.nn`) and
 :func:`convert` to swap them into an existing model. :func:`backends` tells which kernels can run.
 """
-from . import ops
+from . import nn, ops
 from ._backend import backends, current_backend, set_backend, use_backend
+from .convert import convert
 
-__all__ = ["backends", "current_backend", "ops", "set_backend", "use_backend"]
+__all__ = ["backends", "convert", "current_backend", "nn", "ops", "set_backend", "use_backend"]
 __version__ = "0.1.0"
