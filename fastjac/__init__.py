@@ -5,7 +5,7 @@ Fused second-order differentiable ops (:mod:`fastjac.ops`), drop-in modules (:mo
 """
 from . import nn, ops
 from ._backend import backends, current_backend, set_backend, use_backend
-from .convert import convert
+from ._convert import convert
 
 __all__ = ["backends", "convert", "current_backend", "nn", "ops", "set_backend", "use_backend"]
 __version__ = "0.1.0"
