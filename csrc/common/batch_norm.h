@@ -1,0 +1,158 @@
+// BatchNorm per-channel math (csrc/KERNELS.md, "BatchNorm formulas"), shared by every backend.
+//
+// Each kernel after the forward is "pass 1: per-channel sums; coefficients (this file); pass 2: one affine
+// combination per element". With r = invstd, xh = (x - mean) * r, gamma = weight or 1, and g~ = g * m
+// (the ReLU mask when fused, else g), every pass-2 output is
+//     out = cu * u + cg * g~ + cx * xh + c0            (BnAffine)
+// where u is the element's second-order input (ggx for bn_dbwd, tx for bn_jvp). T is the type the
+// coefficients are computed in (double on the CPU); M is the per-channel count N * prod(spatial).
+#pragma once
+
+#include <cmath>
+
+#include "config.h"
+
+namespace fastjac {
+
+template <typename T>
+struct BnAffine {
+  T cu = T(0), cg = T(0), cx = T(0), c0 = T(0);
+};
+
+// Per-channel sums of pass 1 (an absent operand contributes zeros).
+template <typename T>
+struct BnSums {
+  T u = T(0);   // sum u
+  T ux = T(0);  // sum u xh
+  T g = T(0);   // sum g~
+  T gx = T(0);  // sum g~ xh
+  T ug = T(0);  // sum u g~
+
+  FASTJAC_HOST_DEVICE void merge(const BnSums& o) {
+    u += o.u;
+    ux += o.ux;
+    g += o.g;
+    gx += o.gx;
+    ug += o.ug;
+  }
+};
+
+// Running (count, mean, M2 = sum (x - mean)^2) moments; merge is Chan et al.'s parallel update.
+template <typename T>
+struct BnMoments {
+  T n = T(0), mean = T(0), m2 = T(0);
+
+  FASTJAC_HOST_DEVICE void merge(T nb, T mean_b, T m2_b) {
+    if (nb == T(0)) return;
+    const T total = n + nb;
+    const T delta = mean_b - mean;
+    mean += delta * (nb / total);
+    m2 += m2_b + delta * delta * (n * nb / total);
+    n = total;
+  }
+  FASTJAC_HOST_DEVICE void merge(const BnMoments& o) { merge(o.n, o.mean, o.m2); }
+  FASTJAC_HOST_DEVICE T var() const { return n > T(0) ? m2 / n : T(0); }  // biased
+};
+
+template <typename T>
+FASTJAC_HOST_DEVICE inline T bn_invstd(T var, T eps) {
+  using std::sqrt;
+  return T(1) / sqrt(var + eps);
+}
+
+// Forward: z = gamma xh + beta.
+template <typename T>
+FASTJAC_HOST_DEVICE inline BnAffine<T> bn_fwd_coef(T gamma, T beta) {
+  BnAffine<T> z;
+  z.cx = gamma;
+  z.c0 = beta;
+  return z;
+}
+
+// Running statistics: rm = (1 - momentum) rm + momentum mean, rv = (1 - momentum) rv + momentum var M / (M - 1).
+template <typename T>
+FASTJAC_HOST_DEVICE inline T bn_running_mean(T running_mean, T mean, T momentum) {
+  return (T(1) - momentum) * running_mean + momentum * mean;
+}
+template <typename T>
+FASTJAC_HOST_DEVICE inline T bn_running_var(T running_var, T var, T count, T momentum) {
+  return (T(1) - momentum) * running_var + momentum * (var * count / (count - T(1)));
+}
+
+// bn_bwd from Sg = s.g, Sgx = s.gx: gx = gamma r (g~ - Sg/M - xh Sgx/M) (training), gamma r g~ (eval);
+// gw = Sgx, gb = Sg.
+template <typename T>
+struct BnBwdCoef {
+  BnAffine<T> gx;
+  T gw, gb;
+};
+template <typename T>
+FASTJAC_HOST_DEVICE inline BnBwdCoef<T> bn_bwd_coef(const BnSums<T>& s, T count, T gamma, T r, bool training) {
+  BnBwdCoef<T> k;
+  const T gr = gamma * r;
+  k.gx.cg = gr;
+  if (training) {
+    k.gx.cx = -gr * s.gx / count;
+    k.gx.c0 = -gr * s.g / count;
+  }
+  k.gw = s.gx;
+  k.gb = s.g;
+  return k;
+}
+
+// bn_dbwd with u = ggx, p = ggw, q = ggb (absent = 0): A = Sg/M, B = Sgx/M, U = Su/M, Ux = Sux/M, UG = Sug/M,
+// C = UG - U A - Ux B.
+//   training: ggrad = m (gamma r (u - U - xh Ux) + p xh + q)
+//             gx = -gamma r^2 (B u + Ux g~ + xh (C - 2 B Ux) - B U - Ux A) + p r (g~ - A - xh B),  gw = r M C
+//   eval:     ggrad = m (gamma r u + p xh + q),  gx = p r g~,  gw = r M UG
+// ggrad's coefficients exclude the mask (applied by pass 2).
+template <typename T>
+struct BnDbwdCoef {
+  BnAffine<T> ggrad, gx;
+  T gw;
+};
+template <typename T>
+FASTJAC_HOST_DEVICE inline BnDbwdCoef<T> bn_dbwd_coef(const BnSums<T>& s, T count, T gamma, T r, T p, T q,
+                                                      bool training) {
+  BnDbwdCoef<T> k;
+  const T gr = gamma * r;
+  k.ggrad.cu = gr;
+  k.ggrad.cx = p;
+  k.ggrad.c0 = q;
+  if (!training) {
+    k.gx.cg = p * r;
+    k.gw = r * s.ug;
+    return k;
+  }
+  const T A = s.g / count, B = s.gx / count, U = s.u / count, Ux = s.ux / count, UG = s.ug / count;
+  const T C = UG - U * A - Ux * B;
+  const T gr2 = gr * r, pr = p * r;
+  k.ggrad.cx = p - gr * Ux;
+  k.ggrad.c0 = q - gr * U;
+  k.gx.cu = -gr2 * B;
+  k.gx.cg = -gr2 * Ux + pr;
+  k.gx.cx = -gr2 * (C - T(2) * B * Ux) - pr * B;
+  k.gx.c0 = gr2 * (B * U + Ux * A) - pr * A;
+  k.gw = r * count * C;
+  return k;
+}
+
+// bn_jvp with tangents u = tx, tw, tb (absent = 0), from St = s.u, Stx = s.ux:
+// training z_dot = gamma r (tx - St/M - xh Stx/M) + tw xh + tb; eval z_dot = gamma r tx + tw xh + tb
+// (times the mask when the ReLU is fused, applied by pass 2).
+template <typename T>
+FASTJAC_HOST_DEVICE inline BnAffine<T> bn_jvp_coef(const BnSums<T>& s, T count, T gamma, T r, T tw, T tb,
+                                                   bool training) {
+  BnAffine<T> z;
+  const T gr = gamma * r;
+  z.cu = gr;
+  z.cx = tw;
+  z.c0 = tb;
+  if (training) {
+    z.cx -= gr * s.ux / count;
+    z.c0 -= gr * s.u / count;
+  }
+  return z;
+}
+
+}  // namespace fastjac

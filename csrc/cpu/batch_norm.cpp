@@ -1,0 +1,364 @@
+// CPU BatchNorm (+ fused ReLU) kernels: csrc/KERNELS.md, "BatchNorm formulas".
+//
+// Every kernel is at most two passes over the data: pass 1 per-channel sums (bn_fwd: moments), per-channel
+// coefficients from csrc/common/batch_norm.h, pass 2 one affine combination per element (bn_loop). In eval
+// mode the coefficients do not depend on the sums, so one fused pass writes the outputs and the sums.
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <utility>
+
+#include "../common/batch_norm.h"
+#include "loops.h"
+
+namespace fastjac::cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Sums = BnSums<double>;
+using Moments = BnMoments<double>;
+using Affine = BnAffine<double>;
+
+// What one element loop reads and writes (compile-time flags). Inputs: u (ggx / tx), g (grad, times the mask
+// when fused with a ReLU), x (as xh). Outputs: p = m * (cu u + cx xh + c0), or relu(cu u + cx xh + c0) with
+// kReluP (bn_fwd, which then records the mask); q = cu u + cg g~ + cx xh + c0. Every sum whose operands are
+// read is accumulated (a few FMAs in a memory-bound loop).
+enum : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kReluP = 32 };
+
+template <typename A>
+struct ChannelCoef {  // per-channel constants of one loop, in the compute type
+  A mean = A(0), r = A(0);
+  BnAffine<A> p, q;
+};
+
+template <bool U, bool G, bool X, typename A>
+inline A affine(const BnAffine<A>& k, A u, A g, A xh) {
+  A v = k.c0;
+  if constexpr (X) v += k.cx * xh;
+  if constexpr (G) v += k.cg * g;
+  if constexpr (U) v += k.cu * u;
+  return v;
+}
+
+// The element loop shared by all BatchNorm passes after the forward statistics.
+template <unsigned F, typename T, typename A>
+void bn_loop(const BnChunk<T, A>& ch, const ChannelCoef<A>& k, Sums& acc) {
+  constexpr bool U = F & kU, G = F & kG, X = F & kX, P = F & kOutP, Q = F & kOutQ, Relu = F & kReluP;
+  const T* __restrict__ x = ch.x;
+  const T* __restrict__ g = ch.g;
+  const T* __restrict__ u = ch.u;
+  const A* __restrict__ m = ch.m;
+  T* __restrict__ op = ch.p;
+  T* __restrict__ oq = ch.q;
+  const A mean = k.mean, r = k.r;
+  const BnAffine<A> kp = k.p, kq = k.q;
+  A su = 0, sux = 0, sg = 0, sgx = 0, sug = 0;
+#pragma omp simd reduction(+ : su, sux, sg, sgx, sug)
+  for (int64_t j = 0; j < ch.len; ++j) {
+    A uj = A(0), gj = A(0), xh = A(0);
+    if constexpr (U) uj = static_cast<A>(u[j]);
+    if constexpr (G) gj = static_cast<A>(g[j]) * m[j];
+    if constexpr (X) xh = (static_cast<A>(x[j]) - mean) * r;
+    if constexpr (U) su += uj;
+    if constexpr (U && X) sux += uj * xh;
+    if constexpr (G) sg += gj;
+    if constexpr (G && X) sgx += gj * xh;
+    if constexpr (U && G) sug += uj * gj;
+    if constexpr (P) {
+      const A v = affine<U, false, X>(kp, uj, gj, xh);
+      op[j] = static_cast<T>(Relu ? (v > A(0) ? v : A(0)) : v * m[j]);
+    }
+    if constexpr (Q) oq[j] = static_cast<T>(affine<U, G, X>(kq, uj, gj, xh));
+  }
+  acc.u += su, acc.ux += sux, acc.g += sg, acc.gx += sgx, acc.ug += sug;
+}
+
+// bn_fwd pass 1: moments of one chunk (chunk mean, then squared deviations from it, re-read from L1),
+// merged into the channel's double moments.
+template <typename T, typename A>
+void moments_loop(const BnChunk<T, A>& ch, Moments& acc) {
+  const T* __restrict__ x = ch.x;
+  const int64_t n = ch.len;
+  A s = 0, q = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += static_cast<A>(x[j]);
+  const A centre = s / A(n);
+#pragma omp simd reduction(+ : q)
+  for (int64_t j = 0; j < n; ++j) {
+    const A d = static_cast<A>(x[j]) - centre;
+    q += d * d;
+  }
+  const double mean = double(s) / double(n), shift = mean - double(centre);
+  acc.merge(double(n), mean, std::max(0.0, double(q) - double(n) * shift * shift));
+}
+
+// Saved / computed statistics of a call.
+struct Stats {
+  std::vector<double> mean, invstd;  // values of the statistics tensors (float32 or float64)
+  Stats(const Tensor& m, const Tensor& r) : mean(to_vector(m)), invstd(to_vector(r)) {}
+  static std::vector<double> to_vector(const Tensor& t) {
+    const Tensor d = t.to(at::kDouble).contiguous();
+    return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+  }
+};
+
+// Runs bn_loop<F> for the runtime flags (arrays the flags do not use are neither read nor gathered).
+template <typename T, typename A>
+std::vector<Sums> run_loop(unsigned flags, const BnGeom& geo, BnIO<T> io, const std::vector<ChannelCoef<A>>& k) {
+  if (!(flags & kU)) io.u = nullptr;
+  if (!(flags & kG)) io.g = nullptr;
+  if (!(flags & kX)) io.x = nullptr;
+  if (!(flags & kOutP)) io.p = nullptr, io.mask_out = nullptr;
+  if (!(flags & kOutQ)) io.q = nullptr;
+  if (!(flags & (kG | kOutP)) || (flags & kReluP)) io.mask = nullptr;
+  std::vector<Sums> sums;
+  with_bools(
+      [&](auto u, auto g, auto x, auto p, auto q, auto relu) {
+        constexpr unsigned F = (decltype(u)::value ? kU : 0) | (decltype(g)::value ? kG : 0) |
+                               (decltype(x)::value ? kX : 0) | (decltype(p)::value ? kOutP : 0) |
+                               (decltype(q)::value ? kOutQ : 0) | (decltype(relu)::value ? kReluP : 0);
+        sums = bn_channel_pass<Sums, T, A>(
+            geo, io, [&](int64_t c, const BnChunk<T, A>& ch, Sums& acc) { bn_loop<F, T, A>(ch, k[c], acc); });
+      },
+      bool(flags & kU), bool(flags & kG), bool(flags & kX), bool(flags & kOutP), bool(flags & kOutQ),
+      bool(flags & kReluP));
+  return sums;
+}
+
+// The common shape of the kernels: pass 1 sums the operands in `sum_flags` (none when 0); coef(c, sums) gives
+// the channel's (p, q) coefficients; pass 2 writes the outputs of `out_flags`. When `fused` (eval: the
+// coefficients do not depend on the sums) a single pass does both. Returns the per-channel sums.
+template <typename T, typename CoefFn>
+std::vector<Sums> sums_then_affine(const BnGeom& geo, const BnIO<T>& io, const Stats& st, unsigned sum_flags,
+                                   unsigned out_flags, bool fused, const CoefFn& coef) {
+  using A = at::opmath_type<T>;
+  std::vector<ChannelCoef<A>> k(geo.C);
+  for (int64_t c = 0; c < geo.C; ++c) k[c].mean = A(st.mean[c]), k[c].r = A(st.invstd[c]);
+  std::vector<Sums> sums(geo.C);
+  if (sum_flags && !fused) sums = run_loop<T, A>(sum_flags, geo, io, k);
+  auto cast = [](const Affine& a) { return BnAffine<A>{A(a.cu), A(a.cg), A(a.cx), A(a.c0)}; };
+  for (int64_t c = 0; c < geo.C; ++c) {
+    const std::pair<Affine, Affine> pq = coef(c, sums[c]);
+    k[c].p = cast(pq.first), k[c].q = cast(pq.second);
+  }
+  std::vector<Sums> s2 = run_loop<T, A>(fused ? sum_flags | out_flags : out_flags, geo, io, k);
+  return fused ? s2 : sums;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Arguments
+
+at::ScalarType stat_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_input(const Tensor& x, const char* op) {
+  check_float_cpu(x, op, "x");
+  TORCH_CHECK(x.dim() >= 2, op, ": expected x of shape N x C x ..., got ", x.sizes());
+}
+
+void check_channel(const Tensor& t, int64_t C, const char* op, const char* name) {
+  check_float_cpu(t, op, name);
+  TORCH_CHECK(t.numel() == C, op, ": expected ", name, " with ", C, " elements (one per channel), got shape ",
+              t.sizes());
+}
+
+// Values of an optional per-channel vector (`fill` when absent).
+std::vector<double> channel_values(const OptTensor& t, int64_t C, double fill, const char* op, const char* name) {
+  if (!t.has_value()) return std::vector<double>(C, fill);
+  check_channel(*t, C, op, name);
+  return Stats::to_vector(*t);
+}
+
+// Saved statistics of bn_bwd / bn_dbwd / bn_jvp.
+Stats saved_stats(const Tensor& x, const Tensor& mean, const Tensor& invstd, const char* op) {
+  auto check = [&](const Tensor& t, const char* name) {
+    check_channel(t, x.size(1), op, name);
+    TORCH_CHECK(t.scalar_type() == stat_dtype(x), op, ": expected ", name, " of dtype ", stat_dtype(x),
+                " for x of dtype ", x.scalar_type(), ", got ", t.scalar_type());
+  };
+  check(mean, "mean");
+  check(invstd, "invstd");
+  return Stats(mean, invstd);
+}
+
+Tensor mask_arg(const Tensor& mask, const Tensor& x, bool relu, const char* op) {
+  if (!relu) return Tensor();
+  check_mask(mask, x.numel(), op);
+  return mask.contiguous();
+}
+
+Tensor stat_tensor(const std::vector<double>& v, const Tensor& x) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(stat_dtype(x));
+}
+
+template <typename T>
+const T* ptr(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Kernels
+
+// bn_fwd: training batch statistics (biased var) and running-statistics update, or eval running statistics;
+// y = z = gamma xh + beta, or relu(z) with mask = (z > 0) when `relu`.
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& weight, const OptTensor& bias,
+                                                  const OptTensor& running_mean, const OptTensor& running_var,
+                                                  bool training, double momentum, double eps, bool relu) {
+  constexpr const char* op = "fastjac::bn_fwd";
+  check_input(x_, op);
+  const Tensor x = x_.contiguous();
+  const BnGeom geo(x);
+  const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
+  const auto beta = channel_values(bias, geo.C, 0.0, op, "bias");
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
+              ": running_mean and running_var must be given together");
+  if (running_mean.has_value()) {
+    check_channel(*running_mean, geo.C, op, "running_mean");
+    check_channel(*running_var, geo.C, op, "running_var");
+  }
+  Tensor mean, invstd;
+  if (training) {
+    TORCH_CHECK(geo.count() > 1, op, ": Expected more than 1 value per channel when training, got input size ",
+                x.sizes());
+    std::vector<Moments> mom;
+    FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
+      using A = at::opmath_type<scalar_t>;
+      BnIO<scalar_t> io;
+      io.x = x.data_ptr<scalar_t>();
+      mom = bn_channel_pass<Moments, scalar_t, A>(
+          geo, io, [](int64_t, const BnChunk<scalar_t, A>& ch, Moments& acc) { moments_loop(ch, acc); });
+    });
+    std::vector<double> mu(geo.C), var(geo.C);
+    for (int64_t c = 0; c < geo.C; ++c) mu[c] = mom[c].mean, var[c] = mom[c].var();
+    mean = stat_tensor(mu, x);
+    const Tensor v = stat_tensor(var, x);
+    invstd = v.add(eps).rsqrt();
+    if (running_mean.has_value()) {  // exactly the reference's update, in the running statistics' dtype
+      const int64_t M = geo.count();
+      running_mean->mul_(1 - momentum).add_(mean.to(running_mean->scalar_type()).mul(momentum));
+      running_var->mul_(1 - momentum).add_(v.mul(M).div(M - 1).to(running_var->scalar_type()).mul(momentum));
+    }
+  } else {
+    TORCH_CHECK(running_mean.has_value(), op, ": running_mean and running_var are required when training=false");
+    mean = running_mean->to(stat_dtype(x), /*non_blocking=*/false, /*copy=*/true);
+    invstd = running_var->to(stat_dtype(x)).add(eps).rsqrt();
+  }
+  const Tensor y = at::empty_like(x);
+  const Tensor mask = relu ? at::zeros({mask_bytes(x.numel())}, x.options().dtype(at::kByte))
+                           : at::empty({0}, x.options().dtype(at::kByte));
+  FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
+    BnIO<scalar_t> io;
+    io.x = x.data_ptr<scalar_t>();
+    io.p = y.data_ptr<scalar_t>();
+    io.mask_out = relu ? mask.data_ptr<uint8_t>() : nullptr;
+    sums_then_affine(geo, io, Stats(mean, invstd), 0, kX | kOutP | (relu ? kReluP : 0), false,
+                     [&](int64_t c, const Sums&) { return std::pair{bn_fwd_coef(gamma[c], beta[c]), Affine{}}; });
+  });
+  return {y, mean, invstd, mask};
+}
+
+// bn_bwd: gx = gamma r (g~ - Sg/M - xh Sgx/M) (training) or gamma r g~ (eval); gw = Sgx, gb = Sg.
+std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad, const Tensor& x_, const Tensor& mean,
+                                          const Tensor& invstd, const OptTensor& weight, const Tensor& mask,
+                                          bool training, bool relu) {
+  constexpr const char* op = "fastjac::bn_bwd";
+  check_input(x_, op);
+  check_like(grad, x_, op, "grad");
+  const Tensor x = x_.contiguous(), g = grad.contiguous(), m = mask_arg(mask, x, relu, op);
+  const BnGeom geo(x);
+  const Stats st = saved_stats(x, mean, invstd, op);
+  const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
+  const Tensor gx = at::empty_like(x);
+  std::vector<Sums> sums;
+  FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
+    const BnIO<scalar_t> io{ptr<scalar_t>(x), ptr<scalar_t>(g), nullptr, ptr<uint8_t>(m), nullptr,
+                            gx.data_ptr<scalar_t>(), nullptr};
+    sums = sums_then_affine(geo, io, st, kG | kX, kG | (training ? kX : 0) | kOutQ, !training,
+                            [&](int64_t c, const Sums& s) {
+                              const auto k = bn_bwd_coef(s, double(geo.count()), gamma[c], st.invstd[c], training);
+                              return std::pair{Affine{}, k.gx};
+                            });
+  });
+  std::vector<double> gw(geo.C), gb(geo.C);
+  for (int64_t c = 0; c < geo.C; ++c) gw[c] = sums[c].gx, gb[c] = sums[c].g;
+  return {gx, stat_tensor(gw, x), stat_tensor(gb, x)};
+}
+
+// bn_dbwd: (ggrad, gx, gw) of KERNELS.md with u = ggx, p = ggw, q = ggb; sums only of present operands.
+std::tuple<Tensor, Tensor, Tensor> bn_dbwd(const OptTensor& ggx, const OptTensor& ggw, const OptTensor& ggb,
+                                           const Tensor& grad, const Tensor& x_, const Tensor& mean,
+                                           const Tensor& invstd, const OptTensor& weight, const Tensor& mask,
+                                           bool training, bool relu) {
+  constexpr const char* op = "fastjac::bn_dbwd";
+  check_input(x_, op);
+  check_like(grad, x_, op, "grad");
+  if (ggx.has_value()) check_like(*ggx, x_, op, "ggx");
+  const Tensor x = x_.contiguous(), g = grad.contiguous(), m = mask_arg(mask, x, relu, op);
+  const Tensor u = ggx.has_value() ? ggx->contiguous() : Tensor();
+  const BnGeom geo(x);
+  const Stats st = saved_stats(x, mean, invstd, op);
+  const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
+  const auto p = channel_values(ggw, geo.C, 0.0, op, "ggw");
+  const auto q = channel_values(ggb, geo.C, 0.0, op, "ggb");
+  const bool has_u = u.defined(), has_p = ggw.has_value(), has_gx = has_u || has_p;
+  const unsigned U = has_u ? kU : 0;
+  const unsigned sum_flags = training ? (has_gx ? kG | kX | U : 0) : (has_u ? kU | kG : 0);
+  const unsigned out_flags = kOutP | U | (has_p || (training && has_u) ? kX : 0) |
+                             (has_gx ? kOutQ | kG | (training ? kX | U : 0) : 0);
+  const Tensor ggrad = at::empty_like(x), gx = has_gx ? at::empty_like(x) : at::zeros_like(x);
+  auto coef = [&](int64_t c, const Sums& s) {
+    return bn_dbwd_coef(s, double(geo.count()), gamma[c], st.invstd[c], p[c], q[c], training);
+  };
+  std::vector<Sums> sums;
+  FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
+    const BnIO<scalar_t> io{ptr<scalar_t>(x),        ptr<scalar_t>(g),        ptr<scalar_t>(u), ptr<uint8_t>(m),
+                            ggrad.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), nullptr};
+    sums = sums_then_affine(geo, io, st, sum_flags, out_flags, !training, [&](int64_t c, const Sums& s) {
+      const auto k = coef(c, s);
+      return std::pair{k.ggrad, k.gx};
+    });
+  });
+  std::vector<double> gw(geo.C);
+  for (int64_t c = 0; c < geo.C; ++c) gw[c] = coef(c, sums[c]).gw;
+  return {ggrad, gx, stat_tensor(gw, x)};
+}
+
+// bn_jvp: z_dot = gamma r (tx - mean(tx) - xh mean(tx xh)) + tw xh + tb (training; eval without the means),
+// times the mask when `relu`.
+Tensor bn_jvp(const OptTensor& tx, const OptTensor& tw, const OptTensor& tb, const Tensor& x_, const Tensor& mean,
+              const Tensor& invstd, const OptTensor& weight, const Tensor& mask, bool training, bool relu) {
+  constexpr const char* op = "fastjac::bn_jvp";
+  check_input(x_, op);
+  if (tx.has_value()) check_like(*tx, x_, op, "tx");
+  const Tensor x = x_.contiguous(), m = mask_arg(mask, x, relu, op);
+  const Tensor t = tx.has_value() ? tx->contiguous() : Tensor();
+  const BnGeom geo(x);
+  const Stats st = saved_stats(x, mean, invstd, op);
+  const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
+  const auto dw = channel_values(tw, geo.C, 0.0, op, "tw");
+  const auto db = channel_values(tb, geo.C, 0.0, op, "tb");
+  const bool has_t = t.defined();
+  const unsigned sum_flags = training && has_t ? kU | kX : 0;
+  const unsigned out_flags = kOutP | (has_t ? kU : 0) | (tw.has_value() || (training && has_t) ? kX : 0);
+  const Tensor out = at::empty_like(x);
+  FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
+    const BnIO<scalar_t> io{ptr<scalar_t>(x), nullptr, ptr<scalar_t>(t), ptr<uint8_t>(m),
+                            out.data_ptr<scalar_t>(), nullptr, nullptr};
+    sums_then_affine(geo, io, st, sum_flags, out_flags, false, [&](int64_t c, const Sums& s) {
+      return std::pair{bn_jvp_coef(s, double(geo.count()), gamma[c], st.invstd[c], dw[c], db[c], training), Affine{}};
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastjac, CPU, m) {
+  m.impl("bn_fwd", &bn_fwd);
+  m.impl("bn_bwd", &bn_bwd);
+  m.impl("bn_dbwd", &bn_dbwd);
+  m.impl("bn_jvp", &bn_jvp);
+}
+
+}  // namespace fastjac::cpu

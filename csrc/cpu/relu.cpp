@@ -1,0 +1,63 @@
+// CPU ReLU kernels (csrc/KERNELS.md: relu_fwd, relu_bwd), parallel over mask bytes.
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "loops.h"
+
+namespace fastjac::cpu {
+namespace {
+
+using at::Tensor;
+
+// relu_fwd: (max(x, 0), mask(x > 0)); x == 0 and NaN give 0 and a cleared bit.
+std::tuple<Tensor, Tensor> relu_fwd(const Tensor& x_) {
+  check_float_cpu(x_, "fastjac::relu_fwd", "x");
+  const Tensor x = x_.contiguous(), y = at::empty_like(x);
+  const Tensor mask = at::empty({mask_bytes(x.numel())}, x.options().dtype(at::kByte));
+  FASTJAC_DISPATCH(x.scalar_type(), "fastjac::relu_fwd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    uint8_t* mp = mask.data_ptr<uint8_t>();
+    parallel_chunks(x.numel(), [&](int64_t i0, int64_t len) {
+      const scalar_t* __restrict__ xs = xp + i0;
+      scalar_t* __restrict__ ys = yp + i0;
+FASTJAC_OMP_SIMD
+      for (int64_t j = 0; j < len; ++j) ys[j] = static_cast<A>(xs[j]) > A(0) ? xs[j] : scalar_t(0);
+      pack_positive(xs, i0, len, mp, /*shared=*/false);
+    });
+  });
+  return {y, mask};
+}
+
+// relu_bwd: g * m (a selection: masked elements are 0 even where g is not finite).
+Tensor relu_bwd(const Tensor& grad, const Tensor& mask_) {
+  check_float_cpu(grad, "fastjac::relu_bwd", "grad");
+  check_mask(mask_, grad.numel(), "fastjac::relu_bwd");
+  const Tensor g = grad.contiguous(), mask = mask_.contiguous(), out = at::empty_like(g);
+  FASTJAC_DISPATCH(g.scalar_type(), "fastjac::relu_bwd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const uint8_t* mp = mask.data_ptr<uint8_t>();
+    parallel_chunks(g.numel(), [&](int64_t i0, int64_t len) {
+      alignas(64) A m[kChunk];
+      expand_mask(mp, i0, len, m);
+      const scalar_t* __restrict__ gs = gp + i0;
+      scalar_t* __restrict__ os = op + i0;
+FASTJAC_OMP_SIMD
+      for (int64_t j = 0; j < len; ++j) os[j] = m[j] != A(0) ? gs[j] : scalar_t(0);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastjac, CPU, m) {
+  m.impl("relu_fwd", &relu_fwd);
+  m.impl("relu_bwd", &relu_bwd);
+}
+
+}  // namespace fastjac::cpu

@@ -1,0 +1,38 @@
+// The fastjac operator library: kernel schemas (csrc/KERNELS.md), implemented per backend in csrc/cpu/
+// (and csrc/cuda/ when built with CUDA), plus the Python module fastjac._C.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastjac, m) {
+  m.def("relu_fwd(Tensor x) -> (Tensor, Tensor)");
+  m.def("relu_bwd(Tensor grad, Tensor mask) -> Tensor");
+  m.def("softplus_fwd(Tensor x, float beta, float threshold) -> Tensor");
+  m.def("softplus_bwd(Tensor grad, Tensor x, float beta, float threshold) -> Tensor");
+  m.def("softplus_dbwd(Tensor ggrad, Tensor grad, Tensor x, float beta, float threshold) -> (Tensor, Tensor)");
+  m.def(
+      "bn_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_bwd(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor mask, bool training, "
+      "bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_dbwd(Tensor? ggx, Tensor? ggw, Tensor? ggb, Tensor grad, Tensor x, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor mask, bool training, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_jvp(Tensor? tx, Tensor? tw, Tensor? tb, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor mask, bool training, bool relu) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastjac compiled kernels (registered as torch.ops.fastjac.*)";
+  m.def(
+      "compiled_with_cuda",
+      [] {
+#ifdef FASTJAC_WITH_CUDA
+        return true;
+#else
+        return false;
+#endif
+      },
+      "True when the extension was built with the CUDA kernels.");
+}
