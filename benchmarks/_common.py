@@ -373,6 +373,40 @@ def first_touch_cost(mbytes: int = 32, warmup: int = 2, repeats: int = 7) -> flo
     return fresh - reuse
 
 
+class ForeignLoad:
+    """Share of the machine's CPU time used by *other* processes between ``start()`` and ``stop()``:
+    (system-wide busy time from ``/proc/stat`` - this process's and its children's CPU time) / (wall time x
+    cores). Timings taken while it is high are not trustworthy; the report prints it per measurement."""
+
+    def __init__(self):
+        self._t0 = None
+
+    @staticmethod
+    def _snapshot():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal, no guest (in user)
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system
+        return time.perf_counter(), busy, own
+
+    def start(self) -> "ForeignLoad":
+        try:
+            self._t0 = self._snapshot()
+        except (OSError, ValueError, IndexError):
+            self._t0 = None
+        return self
+
+    def stop(self) -> Optional[float]:
+        if self._t0 is None:
+            return None
+        wall1, busy1, own1 = self._snapshot()
+        wall0, busy0, own0 = self._t0
+        cores = os.cpu_count() or 1
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / max((wall1 - wall0) * cores, 1e-9))
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -389,8 +423,21 @@ def fastjac_backend() -> str:
     return _backend.backend_name(torch.device("cpu"))
 
 
+def git_revision() -> str:
+    """``<short sha>`` of the checkout, noting uncommitted changes to the measured code (csrc/, fastjac/)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "fastjac", "setup.py"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + (" + uncommitted changes in csrc/ or fastjac/" if dirty else "")
+
+
 def machine_info() -> dict:
     return {
+        "git": git_revision(),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

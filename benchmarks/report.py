@@ -28,6 +28,7 @@ import fastjac
 
 from ._common import (
     IMPLS,
+    ForeignLoad,
     OP_CASES,
     VGG_VARIANTS,
     check_op_agreement,
@@ -74,6 +75,7 @@ def run_all(mode: str, backend: str | None, with_memory: bool = True) -> dict:
     res: dict = {"mode": mode, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     res["machine"] = machine_info()
     res["loadavg_start"] = loadavg()
+    total_load = ForeignLoad().start()
 
     log("copy bandwidth")
     res["bandwidth"] = copy_bandwidth(warmup=cfg["bandwidth"][0], repeats=cfg["bandwidth"][1])
@@ -87,9 +89,11 @@ def run_all(mode: str, backend: str | None, with_memory: bool = True) -> dict:
             row["mismatch"] = check_op_agreement(case)
         log(f"{case.id}: timing {', '.join(IMPLS)} (interleaved)")
         runs = {impl: make_op_workload(case, impl) for impl in IMPLS}
+        load = ForeignLoad().start()
         for impl, times in time_interleaved(runs, *cfg["op"]).items():
             row[impl] = median(times)
             row[impl + "_times"] = times
+        row["foreign_load"] = load.stop()
         del runs
         res["ops"].append(row)
 
@@ -106,10 +110,12 @@ def run_all(mode: str, backend: str | None, with_memory: bool = True) -> dict:
         steps[variant] = (lambda step=step, losses=losses: losses.append(step()))
         res["vgg"][variant]["losses"] = losses
     log(f"vgg {', '.join(steps)}: timing (interleaved)")
+    load = ForeignLoad().start()
     for variant, times in time_interleaved(steps, *cfg["vgg"]).items():
         v = res["vgg"][variant]
         v["time"], v["times"] = median(times), times
         v["loss"] = v.pop("losses")[-1].item()
+    res["vgg_foreign_load"] = load.stop()
     del steps
 
     if with_memory:
@@ -117,6 +123,7 @@ def run_all(mode: str, backend: str | None, with_memory: bool = True) -> dict:
         for variant, mem in peak_memory_many(list(res["vgg"]), backend).items():
             res["vgg"][variant]["memory"] = mem
     res["loadavg_end"] = loadavg()
+    res["foreign_load"] = total_load.stop()
     return res
 
 
@@ -128,6 +135,10 @@ def _x(r):
     return "—" if r is None or not math.isfinite(r) else f"{r:.2f}×"
 
 
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def _mib(b):
     return "—" if b is None else f"{b / MiB:.1f}"
 
@@ -137,17 +148,18 @@ def render(res: dict) -> str:
     bw = res["bandwidth"]
     out = []
     out.append(f"- CPU: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}")
-    out.append(f"- torch {m['torch']}, Python {m['python']}, fastjac {m['fastjac']}")
+    out.append(f"- torch {m['torch']}, Python {m['python']}, fastjac {m['fastjac']} at {m['git']}")
     avail = ", ".join(k for k, v in m["fastjac_backends"].items() if v)
     out.append(f"- fastjac backends available: {avail}; in use for CPU tensors: **{m['fastjac_backend_in_use']}**")
     out.append(f"- copy bandwidth (`dst.copy_(src)`, 256 MiB fp32, read+write bytes): {bw / 1e9:.1f} GB/s")
     out.append(f"- first write of a fresh 32 MiB tensor costs {res['first_touch_32mib'] * 1e3:.1f} ms more than "
                "rewriting an existing one (page faults + zeroing; not in the floor)")
     out.append(f"- mode: {res['mode']}; date {res['date']}; load average at start {res['loadavg_start']}, "
-               f"end {res['loadavg_end']}")
+               f"end {res['loadavg_end']}; CPU used by other processes during the run: {_pct(res['foreign_load'])} "
+               "(column *other load*: during that measurement)")
     out.append("")
-    out.append("| benchmark | PyTorch | fastjac | PyTorch / fastjac | floor | fastjac / floor |")
-    out.append("|---|---:|---:|---:|---:|---:|")
+    out.append("| benchmark | PyTorch | fastjac | PyTorch / fastjac | floor | fastjac / floor | other load |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
     for row in res["ops"]:
         case = row["case"]
         floor = row["floor_bytes"] / bw
@@ -156,7 +168,7 @@ def render(res: dict) -> str:
             name += " ⚠ results differ"
         out.append(
             f"| {name} | {_ms(row['torch'])} | {_ms(row['fastjac'])} | {_x(row['torch'] / row['fastjac'])} | "
-            f"{_ms(floor)} | {_x(row['fastjac'] / floor)} |"
+            f"{_ms(floor)} | {_x(row['fastjac'] / floor)} | {_pct(row.get('foreign_load'))} |"
         )
     v = res["vgg"]
     ce = v.get("ce", {}).get("time")
@@ -166,10 +178,11 @@ def render(res: dict) -> str:
     def ratio(a, b):
         return None if a is None or b is None else a / b
 
-    out.append(f"| VGG-9-BN (a) CE step, ms | {_ms(ce)} | — | | | |")
+    vl = _pct(res.get("vgg_foreign_load"))
+    out.append(f"| VGG-9-BN (a) CE step, ms | {_ms(ce)} | — | | | | {vl} |")
     out.append(f"| VGG-9-BN Jacobian step, ms [(b) PyTorch, (c) converted] | {_ms(jt)} | {_ms(jf)} | "
-               f"{_x(ratio(jt, jf))} | | |")
-    out.append(f"| Jacobian step ÷ (a) CE step | {_x(ratio(jt, ce))} | {_x(ratio(jf, ce))} | | | |")
+               f"{_x(ratio(jt, jf))} | | | {vl} |")
+    out.append(f"| Jacobian step ÷ (a) CE step | {_x(ratio(jt, ce))} | {_x(ratio(jf, ce))} | | | | {vl} |")
 
     def get(variant, *keys):
         d = v.get(variant)
@@ -186,8 +199,8 @@ def render(res: dict) -> str:
         ("peak allocator bytes of one step, MiB", ("memory", "alloc_peak_bytes")),
     ):
         a, b, c = (get(x, *keys) for x in VGG_VARIANTS)
-        out.append(f"| {title}: (a) CE | {_mib(a)} | — | | | |")
-        out.append(f"| {title}: Jacobian [(b), (c)] | {_mib(b)} | {_mib(c)} | {_x(ratio(b, c))} | | |")
+        out.append(f"| {title}: (a) CE | {_mib(a)} | — | | | | |")
+        out.append(f"| {title}: Jacobian [(b), (c)] | {_mib(b)} | {_mib(c)} | {_x(ratio(b, c))} | | | |")
     return "\n".join(out)
 
 
@@ -208,7 +221,7 @@ def targets(res: dict) -> list[tuple[str, str, str]]:
     if ce and jf:
         r = jf / ce
         rows.append((f"converted Jacobian step ≤ {TARGETS['jac_over_ce']}× plain CE step",
-                     f"{r:.2f}× (PyTorch's own Jacobian step: {jt / ce:.2f}×)" if jt else f"{r:.2f}×",
+                     f"{r:.3f}× (PyTorch's own Jacobian step: {jt / ce:.3f}×)" if jt else f"{r:.3f}×",
                      "PASS" if r <= TARGETS["jac_over_ce"] else "FAIL"))
     else:
         rows.append(("converted Jacobian step ≤ 2.15× plain CE step", "not measured (fastjac.convert missing)", "n/a"))
