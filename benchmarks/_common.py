@@ -253,17 +253,25 @@ def saved_tensor_bytes(step: Callable, model: torch.nn.Module) -> dict:
     conv), or two views of one storage, count once, with the full storage size. The hook keeps every
     packed storage alive until the step ends, so a freed address cannot be reused by another tensor and
     miscounted as a duplicate. ``params`` is the part that is model parameters/buffers (they exist
-    anyway); ``activations`` = ``total - params`` is what the step adds.
+    anyway); ``activations`` = ``total - params`` is what the step adds; ``backward`` is the part first
+    packed while autograd ran a backward node (the graph ``create_graph=True`` records);
+    ``packed_no_dedup`` sums every pack call (what counting without deduplication would report).
     """
     seen: dict[int, int] = {}
+    first_in_backward: set[int] = set()
     keep = []
+    packed = [0]
+    current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
 
     def pack(t):
         s = t.untyped_storage()
         ptr = s.data_ptr()
+        packed[0] += s.nbytes()
         if ptr and ptr not in seen:
             seen[ptr] = s.nbytes()
             keep.append(s)
+            if current_node() is not None:
+                first_in_backward.add(ptr)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -271,7 +279,14 @@ def saved_tensor_bytes(step: Callable, model: torch.nn.Module) -> dict:
     state = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     total = sum(seen.values())
     params = sum(b for p, b in seen.items() if p in state)
-    return {"total": total, "params": params, "activations": total - params, "storages": len(seen)}
+    return {
+        "total": total,
+        "params": params,
+        "activations": total - params,
+        "backward": sum(seen[p] for p in first_in_backward),
+        "storages": len(seen),
+        "packed_no_dedup": packed[0],
+    }
 
 
 def _memory_cmd(variant: str, backend: Optional[str]):

@@ -195,6 +195,7 @@ def render(res: dict) -> str:
     for title, keys in (
         ("saved tensors per step, MiB (unique storages, incl. parameters)", ("saved", "total")),
         ("saved tensors per step, MiB (activations only)", ("saved", "activations")),
+        ("saved tensors per step, MiB (sum over pack calls, no dedup)", ("saved", "packed_no_dedup")),
         ("peak RSS growth of one step, MiB", ("memory", "step_peak_bytes")),
         ("peak allocator bytes of one step, MiB", ("memory", "alloc_peak_bytes")),
     ):
