@@ -155,10 +155,12 @@ BN_SHAPES = [
     (2, 3, 2, 3, 5),  # 3-D spatial
     (4, 3, 17),  # numel 204, not a multiple of 8
     (2, 3, 20, 20),  # spatial 400: rows read in place
+    (6, 40, 30),  # short rows: several blocks of channels ("columns")
 ]
 LARGE_BN_SHAPES = [
-    (5000, 40),  # 1-D: several channel blocks, rows split across tasks
-    (2, 2, 128, 300),  # long rows split across tasks
+    (5000, 40),  # 1-D: rows split across tasks, per-position sums flushed many times
+    (300, 1100),  # 1-D, several blocks of channels
+    (2, 2, 130, 300),  # long rows, split across tasks inside a row
 ]
 
 

@@ -1,7 +1,7 @@
 // CPU BatchNorm (+ fused ReLU) kernels: csrc/KERNELS.md, "BatchNorm formulas".
 //
 // Every kernel is at most two passes over the data: pass 1 per-channel sums (bn_fwd: moments), per-channel
-// coefficients from csrc/common/batch_norm.h, pass 2 one affine combination per element (bn_loop). In eval
+// coefficients from csrc/common/batch_norm.h, pass 2 one affine combination per element (bn_element). In eval
 // mode the coefficients do not depend on the sums, so one fused pass writes the outputs and the sums.
 #include <torch/library.h>
 
@@ -23,9 +23,17 @@ using Affine = BnAffine<double>;
 
 // What one element loop reads and writes (compile-time flags). Inputs: u (ggx / tx), g (grad, times the mask
 // when fused with a ReLU), x (as xh). Outputs: p = m * (cu u + cx xh + c0), or relu(cu u + cx xh + c0) with
-// kReluP (bn_fwd, which then records the mask); q = cu u + cg g~ + cx xh + c0. Every sum whose operands are
-// read is accumulated (a few FMAs in a memory-bound loop).
-enum : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kReluP = 32 };
+// kReluP (bn_fwd, which then records the mask); q = cu u + cg g~ + cx xh + c0. With kSum, every sum of
+// BnSums whose operands are read is accumulated.
+enum : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kReluP = 32, kSum = 64 };
+
+// The flag sets the kernels use, one compiled loop each (run_affine() rejects others).
+using AffineFlags = std::integer_sequence<unsigned,  //
+                                          kOutP, kU | kOutP, kX | kOutP, kU | kX | kOutP, kX | kOutP | kReluP,
+                                          kG | kX | kOutQ, kG | kX | kOutP | kOutQ, kU | kG | kX | kOutP | kOutQ,
+                                          kU | kX | kSum, kG | kX | kSum, kU | kG | kX | kSum,
+                                          kG | kX | kOutQ | kSum, kU | kG | kOutP | kOutQ | kSum,
+                                          kU | kG | kX | kOutP | kOutQ | kSum>;
 
 template <typename A>
 struct ChannelCoef {  // per-channel constants of one loop, in the compute type
@@ -42,57 +50,151 @@ inline A affine(const BnAffine<A>& k, A u, A g, A xh) {
   return v;
 }
 
-// The element loop shared by all BatchNorm passes after the forward statistics.
+template <typename T>
+struct Ptrs {  // the arrays of one run
+  const T* __restrict__ x;
+  const T* __restrict__ g;
+  const T* __restrict__ u;
+  T* __restrict__ p;
+  T* __restrict__ q;
+  template <typename A>
+  explicit Ptrs(const BnRun<T, A>& r) : x(r.at(r.io.x)), g(r.at(r.io.g)), u(r.at(r.io.u)), p(r.at(r.io.p)), q(r.at(r.io.q)) {}
+};
+
+// One element j of every pass after the forward statistics: accumulates the sums, writes the outputs.
 template <unsigned F, typename T, typename A>
-void bn_loop(const BnChunk<T, A>& ch, const ChannelCoef<A>& k, Sums& acc) {
-  constexpr bool U = F & kU, G = F & kG, X = F & kX, P = F & kOutP, Q = F & kOutQ, Relu = F & kReluP;
-  const T* __restrict__ x = ch.x;
-  const T* __restrict__ g = ch.g;
-  const T* __restrict__ u = ch.u;
-  const A* __restrict__ m = ch.m;
-  T* __restrict__ op = ch.p;
-  T* __restrict__ oq = ch.q;
-  const A mean = k.mean, r = k.r;
-  const BnAffine<A> kp = k.p, kq = k.q;
-  A su = 0, sux = 0, sg = 0, sgx = 0, sug = 0;
-#pragma omp simd reduction(+ : su, sux, sg, sgx, sug)
-  for (int64_t j = 0; j < ch.len; ++j) {
-    A uj = A(0), gj = A(0), xh = A(0);
-    if constexpr (U) uj = static_cast<A>(u[j]);
-    if constexpr (G) gj = static_cast<A>(g[j]) * m[j];
-    if constexpr (X) xh = (static_cast<A>(x[j]) - mean) * r;
-    if constexpr (U) su += uj;
-    if constexpr (U && X) sux += uj * xh;
-    if constexpr (G) sg += gj;
-    if constexpr (G && X) sgx += gj * xh;
-    if constexpr (U && G) sug += uj * gj;
-    if constexpr (P) {
-      const A v = affine<U, false, X>(kp, uj, gj, xh);
-      op[j] = static_cast<T>(Relu ? (v > A(0) ? v : A(0)) : v * m[j]);
-    }
-    if constexpr (Q) oq[j] = static_cast<T>(affine<U, G, X>(kq, uj, gj, xh));
+[[gnu::always_inline]] inline void bn_element(const ChannelCoef<A>& k, const Ptrs<T>& a, int64_t j, A m, A& su,
+                                              A& sux, A& sg, A& sgx, A& sug) {
+  constexpr bool U = F & kU, G = F & kG, X = F & kX, P = F & kOutP, Q = F & kOutQ, Relu = F & kReluP,
+                 Sum = F & kSum;
+  A uj = A(0), gj = A(0), xh = A(0);
+  if constexpr (U) uj = static_cast<A>(a.u[j]);
+  if constexpr (G) gj = static_cast<A>(a.g[j]) * m;
+  if constexpr (X) xh = (static_cast<A>(a.x[j]) - k.mean) * k.r;
+  if constexpr (Sum && U) su += uj;
+  if constexpr (Sum && U && X) sux += uj * xh;
+  if constexpr (Sum && G) sg += gj;
+  if constexpr (Sum && G && X) sgx += gj * xh;
+  if constexpr (Sum && U && G) sug += uj * gj;
+  if constexpr (P) {
+    const A v = affine<U, false, X>(k.p, uj, gj, xh);
+    a.p[j] = static_cast<T>(Relu ? (v > A(0) ? v : A(0)) : v * m);
   }
-  acc.u += su, acc.ux += sux, acc.g += sg, acc.gx += sgx, acc.ug += sug;
+  if constexpr (Q) a.q[j] = static_cast<T>(affine<U, G, X>(k.q, uj, gj, xh));
 }
 
-// bn_fwd pass 1: moments of one chunk (chunk mean, then squared deviations from it, re-read from L1),
-// merged into the channel's double moments.
-template <typename T, typename A>
-void moments_loop(const BnChunk<T, A>& ch, Moments& acc) {
-  const T* __restrict__ x = ch.x;
-  const int64_t n = ch.len;
-  A s = 0, q = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += static_cast<A>(x[j]);
-  const A centre = s / A(n);
-#pragma omp simd reduction(+ : q)
-  for (int64_t j = 0; j < n; ++j) {
-    const A d = static_cast<A>(x[j]) - centre;
-    q += d * d;
+// bn_pass kernel of the affine passes: per-channel constants k, sums into BnSums.
+template <unsigned F, typename T_>
+struct AffinePass {
+  using T = T_;
+  using A = at::opmath_type<T>;
+  using Acc = Sums;
+  const std::vector<ChannelCoef<A>>& k;
+
+  void row(int64_t c, const BnRun<T, A>& run, Acc& acc) const {
+    const Ptrs<T> a(run);
+    const ChannelCoef<A> kc = k[c];
+    const A* __restrict__ m = run.m;
+    A su = 0, sux = 0, sg = 0, sgx = 0, sug = 0;
+#pragma omp simd reduction(+ : su, sux, sg, sgx, sug)
+    for (int64_t j = 0; j < run.len; ++j) bn_element<F>(kc, a, j, m[j], su, sux, sg, sgx, sug);
+    if constexpr (F & kSum) acc.merge(Sums{su, sux, sg, sgx, sug});
   }
-  const double mean = double(s) / double(n), shift = mean - double(centre);
-  acc.merge(double(n), mean, std::max(0.0, double(q) - double(n) * shift * shift));
-}
+
+  // Column mode: the constants and float sums per position (element e of the block is channel c0 + e / S).
+  struct Columns {
+    enum { kMean, kR, kPu, kPx, kP0, kQu, kQg, kQx, kQ0, kSu, kSux, kSg, kSgx, kSug, kArrays };
+    int64_t S, L, stride;  // arrays `stride` apart: padded so that they do not alias at 4 KiB
+    std::vector<A> buf;
+    A* at(int a) { return buf.data() + a * stride; }
+    Columns(const AffinePass& pass, int64_t c0, int64_t nc, int64_t S_)
+        : S(S_), L(nc * S_), stride(ceil_div(L, 16) * 16 + 16), buf(kArrays * stride, A(0)) {
+      for (int64_t e = 0; e < L; ++e) {
+        const ChannelCoef<A>& kc = pass.k[c0 + e / S];
+        for (auto [a, v] : {std::pair{kMean, kc.mean}, {kR, kc.r}, {kPu, kc.p.cu}, {kPx, kc.p.cx}, {kP0, kc.p.c0},
+                            {kQu, kc.q.cu}, {kQg, kc.q.cg}, {kQx, kc.q.cx}, {kQ0, kc.q.c0}})
+          at(a)[e] = v;
+      }
+    }
+    void run(const BnRun<T, A>& run) {
+      const Ptrs<T> a(run);
+      const A* __restrict__ m = run.m;
+      const A *mean = at(kMean), *r = at(kR), *pu = at(kPu), *px = at(kPx), *p0 = at(kP0), *qu = at(kQu),
+              *qg = at(kQg), *qx = at(kQx), *q0 = at(kQ0);
+      A *su = at(kSu), *sux = at(kSux), *sg = at(kSg), *sgx = at(kSgx), *sug = at(kSug);
+      FASTJAC_OMP_SIMD
+      for (int64_t j = 0; j < L; ++j) {
+        const ChannelCoef<A> kc{mean[j], r[j], {pu[j], A(0), px[j], p0[j]}, {qu[j], qg[j], qx[j], q0[j]}};
+        bn_element<F>(kc, a, j, m[j], su[j], sux[j], sg[j], sgx[j], sug[j]);
+      }
+    }
+    void flush(Acc* acc) {
+      if (!(F & kSum)) return;
+      A *su = at(kSu), *sux = at(kSux), *sg = at(kSg), *sgx = at(kSgx), *sug = at(kSug);
+      for (int64_t e = 0; e < L; ++e) {
+        acc[e / S].merge(Sums{su[e], sux[e], sg[e], sgx[e], sug[e]});
+        su[e] = sux[e] = sg[e] = sgx[e] = sug[e] = A(0);
+      }
+    }
+  };
+};
+
+// bn_pass kernel of the bn_fwd statistics: per-channel moments.
+template <typename T_>
+struct MomentsPass {
+  using T = T_;
+  using A = at::opmath_type<T>;
+  using Acc = Moments;
+
+  // A run's mean, then squared deviations from it (re-read from L1), merged into the channel's moments.
+  void row(int64_t, const BnRun<T, A>& run, Acc& acc) const {
+    const T* __restrict__ x = run.at(run.io.x);
+    const int64_t n = run.len;
+    A s = 0, q = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) s += static_cast<A>(x[j]);
+    const A centre = s / A(n);
+#pragma omp simd reduction(+ : q)
+    for (int64_t j = 0; j < n; ++j) {
+      const A d = static_cast<A>(x[j]) - centre;
+      q += d * d;
+    }
+    const double mean = double(s) / double(n), shift = mean - double(centre);
+    acc.merge(double(n), mean, std::max(0.0, double(q) - double(n) * shift * shift));
+  }
+
+  // Column mode: per-position sums of x - shift and its square (shift = the position's first value), folded
+  // into the channel moments by flush().
+  struct Columns {
+    int64_t S, L, rows = 0;
+    bool shifted = false;
+    std::vector<A> shift, s1, s2;
+    Columns(const MomentsPass&, int64_t, int64_t nc, int64_t S_)
+        : S(S_), L(nc * S_), shift(L), s1(L, A(0)), s2(L, A(0)) {}
+    void run(const BnRun<T, A>& run) {
+      const T* __restrict__ x = run.at(run.io.x);
+      if (!shifted) std::transform(x, x + L, shift.begin(), [](T v) { return static_cast<A>(v); }), shifted = true;
+      A *__restrict__ a = s1.data(), *__restrict__ b = s2.data();
+      const A* __restrict__ k = shift.data();
+      FASTJAC_OMP_SIMD
+      for (int64_t j = 0; j < L; ++j) {
+        const A d = static_cast<A>(x[j]) - k[j];
+        a[j] += d;
+        b[j] += d * d;
+      }
+      ++rows;
+    }
+    void flush(Acc* acc) {
+      if (rows == 0) return;
+      for (int64_t e = 0; e < L; ++e) {
+        const double d = double(s1[e]) / double(rows);
+        acc[e / S].merge(double(rows), double(shift[e]) + d, std::max(0.0, double(s2[e]) - double(s1[e]) * d));
+        s1[e] = s2[e] = A(0);
+      }
+      rows = 0;
+    }
+  };
+};
 
 // Saved / computed statistics of a call.
 struct Stats {
@@ -104,9 +206,11 @@ struct Stats {
   }
 };
 
-// Runs bn_loop<F> for the runtime flags (arrays the flags do not use are neither read nor gathered).
-template <typename T, typename A>
-std::vector<Sums> run_loop(unsigned flags, const BnGeom& geo, BnIO<T> io, const std::vector<ChannelCoef<A>>& k) {
+// Runs the affine pass with the runtime `flags` (arrays the flags do not use are not read).
+template <typename T, unsigned... Fs>
+std::vector<Sums> run_affine(unsigned flags, const BnGeom& geo, BnIO<T> io,
+                             const std::vector<ChannelCoef<at::opmath_type<T>>>& k,
+                             std::integer_sequence<unsigned, Fs...>) {
   if (!(flags & kU)) io.u = nullptr;
   if (!(flags & kG)) io.g = nullptr;
   if (!(flags & kX)) io.x = nullptr;
@@ -114,16 +218,8 @@ std::vector<Sums> run_loop(unsigned flags, const BnGeom& geo, BnIO<T> io, const 
   if (!(flags & kOutQ)) io.q = nullptr;
   if (!(flags & (kG | kOutP)) || (flags & kReluP)) io.mask = nullptr;
   std::vector<Sums> sums;
-  with_bools(
-      [&](auto u, auto g, auto x, auto p, auto q, auto relu) {
-        constexpr unsigned F = (decltype(u)::value ? kU : 0) | (decltype(g)::value ? kG : 0) |
-                               (decltype(x)::value ? kX : 0) | (decltype(p)::value ? kOutP : 0) |
-                               (decltype(q)::value ? kOutQ : 0) | (decltype(relu)::value ? kReluP : 0);
-        sums = bn_channel_pass<Sums, T, A>(
-            geo, io, [&](int64_t c, const BnChunk<T, A>& ch, Sums& acc) { bn_loop<F, T, A>(ch, k[c], acc); });
-      },
-      bool(flags & kU), bool(flags & kG), bool(flags & kX), bool(flags & kOutP), bool(flags & kOutQ),
-      bool(flags & kReluP));
+  const bool compiled = ((flags == Fs && (sums = bn_pass(geo, io, AffinePass<Fs, T>{k}), true)) || ...);
+  TORCH_CHECK(compiled, "fastjac: no BatchNorm loop compiled for flags ", flags, " (add them to AffineFlags)");
   return sums;
 }
 
@@ -137,13 +233,14 @@ std::vector<Sums> sums_then_affine(const BnGeom& geo, const BnIO<T>& io, const S
   std::vector<ChannelCoef<A>> k(geo.C);
   for (int64_t c = 0; c < geo.C; ++c) k[c].mean = A(st.mean[c]), k[c].r = A(st.invstd[c]);
   std::vector<Sums> sums(geo.C);
-  if (sum_flags && !fused) sums = run_loop<T, A>(sum_flags, geo, io, k);
+  if (sum_flags) sum_flags |= kSum;
+  if (sum_flags && !fused) sums = run_affine(sum_flags, geo, io, k, AffineFlags{});
   auto cast = [](const Affine& a) { return BnAffine<A>{A(a.cu), A(a.cg), A(a.cx), A(a.c0)}; };
   for (int64_t c = 0; c < geo.C; ++c) {
     const std::pair<Affine, Affine> pq = coef(c, sums[c]);
     k[c].p = cast(pq.first), k[c].q = cast(pq.second);
   }
-  std::vector<Sums> s2 = run_loop<T, A>(fused ? sum_flags | out_flags : out_flags, geo, io, k);
+  std::vector<Sums> s2 = run_affine(fused ? sum_flags | out_flags : out_flags, geo, io, k, AffineFlags{});
   return fused ? s2 : sums;
 }
 
@@ -223,11 +320,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTen
                 x.sizes());
     std::vector<Moments> mom;
     FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
-      using A = at::opmath_type<scalar_t>;
       BnIO<scalar_t> io;
       io.x = x.data_ptr<scalar_t>();
-      mom = bn_channel_pass<Moments, scalar_t, A>(
-          geo, io, [](int64_t, const BnChunk<scalar_t, A>& ch, Moments& acc) { moments_loop(ch, acc); });
+      mom = bn_pass(geo, io, MomentsPass<scalar_t>{});
     });
     std::vector<double> mu(geo.C), var(geo.C);
     for (int64_t c = 0; c < geo.C; ++c) mu[c] = mom[c].mean, var[c] = mom[c].var();
@@ -244,7 +339,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTen
     mean = running_mean->to(stat_dtype(x), /*non_blocking=*/false, /*copy=*/true);
     invstd = running_var->to(stat_dtype(x)).add(eps).rsqrt();
   }
-  const Tensor y = at::empty_like(x);
+  const Tensor y = empty_output(x);
   const Tensor mask = relu ? at::zeros({mask_bytes(x.numel())}, x.options().dtype(at::kByte))
                            : at::empty({0}, x.options().dtype(at::kByte));
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
@@ -269,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad, const Tensor& x_, 
   const BnGeom geo(x);
   const Stats st = saved_stats(x, mean, invstd, op);
   const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
-  const Tensor gx = at::empty_like(x);
+  const Tensor gx = empty_output(x);
   std::vector<Sums> sums;
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
     const BnIO<scalar_t> io{ptr<scalar_t>(x), ptr<scalar_t>(g), nullptr, ptr<uint8_t>(m), nullptr,
@@ -306,7 +401,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_dbwd(const OptTensor& ggx, const OptTensor
   const unsigned sum_flags = training ? (has_gx ? kG | kX | U : 0) : (has_u ? kU | kG : 0);
   const unsigned out_flags = kOutP | U | (has_p || (training && has_u) ? kX : 0) |
                              (has_gx ? kOutQ | kG | (training ? kX | U : 0) : 0);
-  const Tensor ggrad = at::empty_like(x), gx = has_gx ? at::empty_like(x) : at::zeros_like(x);
+  const Tensor ggrad = empty_output(x), gx = has_gx ? empty_output(x) : at::zeros_like(x);
   auto coef = [&](int64_t c, const Sums& s) {
     return bn_dbwd_coef(s, double(geo.count()), gamma[c], st.invstd[c], p[c], q[c], training);
   };
@@ -341,7 +436,7 @@ Tensor bn_jvp(const OptTensor& tx, const OptTensor& tw, const OptTensor& tb, con
   const bool has_t = t.defined();
   const unsigned sum_flags = training && has_t ? kU | kX : 0;
   const unsigned out_flags = kOutP | (has_t ? kU : 0) | (tw.has_value() || (training && has_t) ? kX : 0);
-  const Tensor out = at::empty_like(x);
+  const Tensor out = empty_output(x);
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
     const BnIO<scalar_t> io{ptr<scalar_t>(x), nullptr, ptr<scalar_t>(t), ptr<uint8_t>(m),
                             out.data_ptr<scalar_t>(), nullptr, nullptr};

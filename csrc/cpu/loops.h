@@ -14,24 +14,27 @@
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/util/FunctionRef.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
-#include <memory>
-#include <type_traits>
 #include <vector>
 
 #include "../common/bitmask.h"
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace fastjac::cpu {
 
 constexpr int64_t kChunk = 1024;           // elements per kernel-body call (float partial-sum block)
 constexpr int64_t kTaskElems = 1 << 16;    // elements per parallel BatchNorm task
 constexpr int64_t kParallelMin = 1 << 15;  // fewer elements than this run on one thread
-constexpr int64_t kRowMin = 256;           // BatchNorm rows (spatial size) at least this long are read in place
-constexpr int64_t kTile = 4096;            // shorter rows are gathered into channel-major tiles of this size
-constexpr int64_t kTileSegment = 32;       // ... reading at least this many contiguous elements per row
+constexpr int64_t kRowMin = 256;           // BatchNorm: spatial sizes from which rows are processed one channel
+constexpr int64_t kStream = 1 << 14;       // ... at a time, streaming this many elements across channels,
+constexpr int64_t kSegment = 512;          // ... else blocks of channels spanning this many elements ("columns")
+constexpr int64_t kFlushRows = 64;         // ... whose float per-position sums are flushed to double this often
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -43,18 +46,22 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // `#pragma omp simd` usable inside macro arguments (e.g. the lambdas of FASTJAC_DISPATCH).
 #define FASTJAC_OMP_SIMD _Pragma("omp simd")
 
-// Calls f(std::bool_constant<b>{}...) for the runtime bools b...: compile-time specialisation of loops.
-template <typename F>
-inline void with_bools(F&& f) {
-  f();
-}
-template <typename F, typename... Bools>
-inline void with_bools(F&& f, bool b, Bools... rest) {
-  if (b) {
-    with_bools([&](auto... cs) { f(std::true_type{}, cs...); }, rest...);
-  } else {
-    with_bools([&](auto... cs) { f(std::false_type{}, cs...); }, rest...);
-  }
+// ---------------------------------------------------------------------------------------------------------
+// Outputs
+
+// A new contiguous tensor shaped like `like`. Large outputs are written right after allocation, and first-touch
+// page faults (4 KiB each, ~10 ms per 32 MiB here) can cost more than the kernel: their 2 MiB-aligned interior
+// is advised to transparent huge pages before the first touch (what c10's THP_MEM_ALLOC_ENABLE=1 does for
+// every allocation; a no-op where THP is disabled).
+inline at::Tensor empty_output(const at::Tensor& like) {
+  at::Tensor t = at::empty(like.sizes(), like.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (hi >= lo + 2 * kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+  return t;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -92,24 +99,34 @@ inline const A* ones() {
 // zero-initialised); otherwise the caller owns it and writes [i0, i0 + len) in increasing order.
 template <typename T>
 inline void pack_positive(const T* y, int64_t i0, int64_t len, uint8_t* mask, bool shared) {
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "flag bytes are packed as little-endian words");
   using A = at::opmath_type<T>;
-  const int64_t end = i0 + len;
-  auto partial = [&](int64_t a, int64_t b) {  // [a, b) inside one byte
-    const uint8_t bits = static_cast<uint8_t>(
-        mask_pack_byte([&](int j) { return static_cast<A>(y[a - i0 + j]) > A(0); }, int(b - a)) << (a & 7));
-    uint8_t* byte = mask + mask_byte_index(a);
-    if (shared) {
-      if (bits) __atomic_fetch_or(byte, bits, __ATOMIC_RELAXED);
-    } else {
-      *byte = static_cast<uint8_t>(((a & 7) ? *byte : 0) | bits);
+  alignas(64) uint8_t flag[kChunk];
+  for (int64_t base = 0; base < len; base += kChunk) {  // blocks of kChunk flags, computed vectorised
+    const int64_t n = std::min(kChunk, len - base), b0 = i0 + base, end = b0 + n;
+    const T* __restrict__ yb = y + base;
+    FASTJAC_OMP_SIMD
+    for (int64_t k = 0; k < n; ++k) flag[k] = static_cast<A>(yb[k]) > A(0);
+    auto partial = [&](int64_t a, int64_t b) {  // [a, b) inside one byte
+      const uint8_t bits =
+          static_cast<uint8_t>(mask_pack_byte([&](int j) { return flag[a - b0 + j]; }, int(b - a)) << (a & 7));
+      uint8_t* byte = mask + mask_byte_index(a);
+      if (shared) {
+        if (bits) __atomic_fetch_or(byte, bits, __ATOMIC_RELAXED);
+      } else {
+        *byte = static_cast<uint8_t>(((a & 7) ? *byte : 0) | bits);
+      }
+    };
+    int64_t i = b0;
+    const int64_t head = std::min(end, (b0 + 7) & ~int64_t(7));
+    if (i < head) partial(i, head), i = head;
+    for (; i + 8 <= end; i += 8) {  // eight 0/1 bytes -> bits 0..7: byte k lands on bit 56 + k
+      uint64_t word;
+      std::memcpy(&word, flag + (i - b0), 8);
+      mask[i >> 3] = static_cast<uint8_t>((word * 0x0102040810204080ull) >> 56);
     }
-  };
-  int64_t i = i0;
-  const int64_t head = std::min(end, (i0 + 7) & ~int64_t(7));
-  if (i < head) partial(i, head), i = head;
-  for (; i + 8 <= end; i += 8)
-    mask[i >> 3] = mask_pack_byte([&](int j) { return static_cast<A>(y[i - i0 + j]) > A(0); });
-  if (i < end) partial(i, end);
+    if (i < end) partial(i, end);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -142,132 +159,81 @@ struct BnIO {
   const T* x = nullptr;
   const T* g = nullptr;
   const T* u = nullptr;
-  const uint8_t* mask = nullptr;  // read, expanded into BnChunk::m
+  const uint8_t* mask = nullptr;  // read: expanded into BnRun::m
   T* p = nullptr;
   T* q = nullptr;
-  uint8_t* mask_out = nullptr;  // written after each chunk: bits of p > 0 (zero-initialised mask)
+  uint8_t* mask_out = nullptr;  // written after each run: bits of p > 0 (zero-initialised mask)
 };
 
-// One contiguous run of `len` (<= kChunk) elements of one channel, as seen by a kernel body.
+// A contiguous run of `len` elements from flat index i handed to a kernel, with the mask expanded into m
+// (ones when there is none).
 template <typename T, typename A>
-struct BnChunk {
-  const T* x;
-  const T* g;
-  const T* u;
-  const A* m;  // mask as 0 / 1 (ones when there is none)
-  T* p;
-  T* q;
-  int64_t len;
-};
-
-template <typename Acc, typename T, typename A>
-using BnBody = c10::function_ref<void(int64_t channel, const BnChunk<T, A>& chunk, Acc& acc)>;
-
-namespace detail {
-
-template <typename T>
-inline T* at_offset(T* ptr, int64_t i) {
-  return ptr ? ptr + i : nullptr;
-}
-
-template <typename T, typename A>
-struct Tile {  // channel-major copies of a block of rows: element (cc, r, s) at (cc nr + r) S + s
-  std::unique_ptr<T[]> x, g, u, p, q;
-  std::unique_ptr<A[]> m;
-  explicit Tile(const BnIO<T>& io) {
-    auto alloc = [](auto& buf, bool used) {
-      if (used) buf.reset(new std::remove_reference_t<decltype(buf[0])>[kTile]);
-    };
-    alloc(x, io.x), alloc(g, io.g), alloc(u, io.u), alloc(p, io.p), alloc(q, io.q), alloc(m, io.mask);
+struct BnRun {
+  const BnIO<T>& io;
+  int64_t i, len;
+  const A* m;
+  template <typename P>
+  P* at(P* ptr) const {
+    return ptr ? ptr + i : nullptr;
   }
 };
 
-// Runs of channels [c0, c1), rows [n0, n1): gather into tiles, run the body per channel, scatter outputs.
-template <typename Acc, typename T, typename A>
-void bn_tiles(const BnGeom& geo, const BnIO<T>& io, BnBody<Acc, T, A> body, Tile<T, A>& tile, int64_t c0,
-              int64_t c1, int64_t n0, int64_t n1, Acc* acc) {
-  const int64_t C = geo.C, S = geo.S, nc = c1 - c0;
-  const int64_t R = std::max<int64_t>(1, kTile / (nc * S));
-  for (int64_t nb = n0; nb < n1; nb += R) {
-    const int64_t nr = std::min(R, n1 - nb), run = nr * S;
-    auto each = [&](auto&& f) {  // f(tile index, global index) over the tile
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t cc = 0; cc < nc; ++cc) {
-          const int64_t t = (cc * nr + r) * S, i = ((nb + r) * C + c0 + cc) * S;
-          for (int64_t s = 0; s < S; ++s) f(t + s, i + s);
-        }
-    };
-    auto gather = [&](const T* src, T* dst) {
-      if (src) each([&](int64_t t, int64_t i) { dst[t] = src[i]; });
-    };
-    gather(io.x, tile.x.get()), gather(io.g, tile.g.get()), gather(io.u, tile.u.get());
-    if (io.mask) each([&](int64_t t, int64_t i) { tile.m[t] = A(mask_get(io.mask, i)); });
-    for (int64_t cc = 0; cc < nc; ++cc) {
-      for (int64_t k = 0; k < run; k += kChunk) {
-        const int64_t o = cc * run + k;
-        const BnChunk<T, A> ch{at_offset<const T>(tile.x.get(), o), at_offset<const T>(tile.g.get(), o),
-                               at_offset<const T>(tile.u.get(), o), io.mask ? tile.m.get() + o : ones<A>(),
-                               at_offset(tile.p.get(), o), at_offset(tile.q.get(), o), std::min(kChunk, run - k)};
-        body(c0 + cc, ch, acc[c0 + cc]);
-      }
-    }
-    if (io.p) each([&](int64_t t, int64_t i) { io.p[i] = tile.p[t]; });
-    if (io.q) each([&](int64_t t, int64_t i) { io.q[i] = tile.q[t]; });
-    if (io.mask_out)
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = ((nb + r) * C + c0) * S;
-        pack_positive(io.p + i, i, nc * S, io.mask_out, /*shared=*/true);
-      }
-  }
-}
-
-// Elements [j0, j1) of channel c's N * S (flat over its rows), read in place.
-template <typename Acc, typename T, typename A>
-void bn_rows(const BnGeom& geo, const BnIO<T>& io, BnBody<Acc, T, A> body, int64_t c, int64_t j0, int64_t j1,
-             Acc& acc) {
-  alignas(64) A mbuf[kChunk];
-  for (int64_t j = j0; j < j1;) {
-    const int64_t n = j / geo.S, s = j - n * geo.S;
-    const int64_t len = std::min({kChunk, geo.S - s, j1 - j});
-    const int64_t i = (n * geo.C + c) * geo.S + s;
-    if (io.mask) expand_mask(io.mask, i, len, mbuf);
-    const BnChunk<T, A> ch{at_offset(io.x, i), at_offset(io.g, i), at_offset(io.u, i),
-                           io.mask ? mbuf : ones<A>(), at_offset(io.p, i), at_offset(io.q, i), len};
-    body(c, ch, acc);
-    if (io.mask_out) pack_positive(io.p + i, i, len, io.mask_out, /*shared=*/true);
-    j += len;
-  }
-}
-
-}  // namespace detail
-
-// One pass over a BatchNorm tensor: body(c, chunk, acc[c]) for every chunk, in parallel over tasks (a block of
-// channels x a range of their rows), returning per-channel accumulators (Acc: default = empty,
-// merge(const Acc&)). The task split depends only on the shape, so results do not depend on the thread count.
-template <typename Acc, typename T, typename A>
-std::vector<Acc> bn_channel_pass(const BnGeom& geo, const BnIO<T>& io, BnBody<Acc, T, A> body) {
+// One pass over a BatchNorm tensor with kernel K, in parallel over tasks (a block of channels x a range of
+// their rows), returning per-channel accumulators. The split depends only on the shape, so results do not
+// depend on the thread count. K provides
+//   T, A (compute type), Acc (per-channel accumulator: default-constructed empty, merge(const Acc&));
+//   row(c, run, acc): a run inside one row of channel c (len <= kChunk);
+//   Columns(kernel, c0, nc, S), .run(run), .flush(acc): "column" mode for short rows (S < kRowMin), where each
+//   run is one row of the block of channels [c0, c0 + nc) (nc S contiguous elements, element j of channel
+//   c0 + j / S) and the kernel accumulates per position, folded into acc[0 .. nc) by flush().
+// Column mode reads whole contiguous segments of >= kSegment elements (or full rows of all channels) instead
+// of transposing, which matters for N x C inputs (S = 1).
+template <typename K>
+std::vector<typename K::Acc> bn_pass(const BnGeom& geo, const BnIO<typename K::T>& io, const K& kernel) {
+  using T = typename K::T;
+  using A = typename K::A;
+  using Acc = typename K::Acc;
+  static_assert(kSegment <= kChunk && kRowMin <= kChunk, "runs fit the mask buffer");
   const int64_t C = geo.C, S = geo.S, per_c = geo.count();
   std::vector<Acc> result(C);
   if (geo.numel() == 0) return result;
   const bool rows = S >= kRowMin;
-  const int64_t cb = rows ? 1 : std::min(C, ceil_div(kTileSegment, S));  // channels per task
-  const int64_t unit = rows ? 64 : S;                                    // split granularity along N * S
+  // Channels per task: rows are read in memory order across a block of channels, streaming segments of
+  // kStream (row mode) or kSegment (column mode) contiguous elements; the split along N * S is by whole rows
+  // unless one row holds a whole stream.
+  const int64_t cb = std::clamp<int64_t>((rows ? kStream : kSegment) / S, 1, C);
+  const int64_t unit = cb > 1 || !rows ? S : 64;
   const int64_t want = std::clamp<int64_t>(ceil_div(per_c * cb, kTaskElems), 1, ceil_div(per_c, unit));
   const int64_t span = ceil_div(ceil_div(per_c, want), unit) * unit;
   const int64_t nsplit = ceil_div(per_c, span), nblocks = ceil_div(C, cb);
   std::vector<Acc> parts(nsplit * C);
   const int64_t grain = std::max<int64_t>(1, kParallelMin / (span * cb));
   at::parallel_for(0, nblocks * nsplit, grain, [&](int64_t t0, int64_t t1) {
-    std::unique_ptr<detail::Tile<T, A>> tile;
+    alignas(64) A mbuf[kChunk];
+    auto visit = [&](int64_t i, int64_t len, auto&& f) {
+      if (io.mask) expand_mask(io.mask, i, len, mbuf);
+      f(BnRun<T, A>{io, i, len, io.mask ? mbuf : ones<A>()});
+      if (io.mask_out) pack_positive(io.p + i, i, len, io.mask_out, /*shared=*/true);
+    };
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t sp = t % nsplit, c0 = (t / nsplit) * cb, c1 = std::min(C, c0 + cb);
-      const int64_t j0 = sp * span, j1 = std::min(per_c, j0 + span);
-      Acc* acc = parts.data() + sp * C;
+      const int64_t sp = t % nsplit, c0 = (t / nsplit) * cb, nc = std::min(C - c0, cb);
+      const int64_t j0 = sp * span, j1 = std::min(per_c, j0 + span);  // this task's part of each channel
+      Acc* acc = parts.data() + sp * C + c0;
       if (rows) {
-        detail::bn_rows<Acc, T, A>(geo, io, body, c0, j0, j1, acc[c0]);
+        for (int64_t n = j0 / S; n * S < j1; ++n) {
+          const int64_t s0 = std::max<int64_t>(j0 - n * S, 0), s1 = std::min(j1 - n * S, S);
+          for (int64_t c = 0; c < nc; ++c)
+            for (int64_t s = s0; s < s1; s += kChunk)
+              visit((n * C + c0 + c) * S + s, std::min(kChunk, s1 - s),
+                    [&](const BnRun<T, A>& run) { kernel.row(c0 + c, run, acc[c]); });
+        }
       } else {
-        if (!tile) tile = std::make_unique<detail::Tile<T, A>>(io);
-        detail::bn_tiles<Acc, T, A>(geo, io, body, *tile, c0, c1, j0 / S, j1 / S, acc);
+        typename K::Columns cols(kernel, c0, nc, S);
+        for (int64_t n = j0 / S; n < j1 / S; ++n) {
+          visit((n * C + c0) * S, nc * S, [&](const BnRun<T, A>& run) { cols.run(run); });
+          if ((n - j0 / S + 1) % kFlushRows == 0) cols.flush(acc);
+        }
+        cols.flush(acc);
       }
     }
   });

@@ -13,7 +13,7 @@ using at::Tensor;
 // relu_fwd: (max(x, 0), mask(x > 0)); x == 0 and NaN give 0 and a cleared bit.
 std::tuple<Tensor, Tensor> relu_fwd(const Tensor& x_) {
   check_float_cpu(x_, "fastjac::relu_fwd", "x");
-  const Tensor x = x_.contiguous(), y = at::empty_like(x);
+  const Tensor x = x_.contiguous(), y = empty_output(x);
   const Tensor mask = at::empty({mask_bytes(x.numel())}, x.options().dtype(at::kByte));
   FASTJAC_DISPATCH(x.scalar_type(), "fastjac::relu_fwd", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -35,7 +35,7 @@ FASTJAC_OMP_SIMD
 Tensor relu_bwd(const Tensor& grad, const Tensor& mask_) {
   check_float_cpu(grad, "fastjac::relu_bwd", "grad");
   check_mask(mask_, grad.numel(), "fastjac::relu_bwd");
-  const Tensor g = grad.contiguous(), mask = mask_.contiguous(), out = at::empty_like(g);
+  const Tensor g = grad.contiguous(), mask = mask_.contiguous(), out = empty_output(g);
   FASTJAC_DISPATCH(g.scalar_type(), "fastjac::relu_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.data_ptr<scalar_t>();

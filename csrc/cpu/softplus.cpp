@@ -16,7 +16,7 @@ using at::Tensor;
 Tensor softplus_fwd(const Tensor& x_, double beta, double threshold) {
   constexpr const char* op = "fastjac::softplus_fwd";
   check_float_cpu(x_, op, "x");
-  const Tensor x = x_.contiguous(), y = at::empty_like(x);
+  const Tensor x = x_.contiguous(), y = empty_output(x);
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -34,7 +34,7 @@ Tensor softplus_bwd(const Tensor& grad, const Tensor& x_, double beta, double th
   constexpr const char* op = "fastjac::softplus_bwd";
   check_float_cpu(x_, op, "x");
   check_like(grad, x_, op, "grad");
-  const Tensor x = x_.contiguous(), g = grad.contiguous(), out = at::empty_like(x);
+  const Tensor x = x_.contiguous(), g = grad.contiguous(), out = empty_output(x);
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -57,7 +57,7 @@ std::tuple<Tensor, Tensor> softplus_dbwd(const Tensor& ggrad, const Tensor& grad
   check_like(ggrad, x_, op, "ggrad");
   check_like(grad, x_, op, "grad");
   const Tensor x = x_.contiguous(), g = grad.contiguous(), gg = ggrad.contiguous();
-  const Tensor out_g = at::empty_like(x), out_x = at::empty_like(x);
+  const Tensor out_g = empty_output(x), out_x = empty_output(x);
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
