@@ -17,9 +17,9 @@ Build switches (environment variables):
     MAX_JOBS
         Parallel compile jobs of the ninja build (read by torch.utils.cpp_extension).
 
-Sources are compiled with -O3 (no debug info) and OpenMP (at::parallel_for and `omp simd` loops) in the C++ standard torch
-requires (torch.utils.cpp_extension adds it: C++17 for older torch, C++20 for torch >= 2.10; the kernels
-themselves are C++17).
+Sources are compiled with -O3, no debug info and OpenMP (at::parallel_for, `omp simd` loops). The C++ standard is
+the one torch.utils.cpp_extension adds for the installed torch (C++20 for torch 2.14, whose headers require it);
+the sources themselves are C++17.
 """
 import glob
 import os

@@ -155,6 +155,7 @@ BN_SHAPES = [
     (2, 3, 2, 3, 5),  # 3-D spatial
     (4, 3, 17),  # numel 204, not a multiple of 8
     (2, 3, 20, 20),  # spatial 400: rows read in place
+    (3, 4, 17, 19),  # spatial 323: rows not aligned to mask bytes
     (6, 40, 30),  # short rows: several blocks of channels ("columns")
 ]
 LARGE_BN_SHAPES = [

@@ -58,7 +58,8 @@ struct Ptrs {  // the arrays of one run
   T* __restrict__ p;
   T* __restrict__ q;
   template <typename A>
-  explicit Ptrs(const BnRun<T, A>& r) : x(r.at(r.io.x)), g(r.at(r.io.g)), u(r.at(r.io.u)), p(r.at(r.io.p)), q(r.at(r.io.q)) {}
+  explicit Ptrs(const BnRun<T, A>& r)
+      : x(r.at(r.io.x)), g(r.at(r.io.g)), u(r.at(r.io.u)), p(r.at(r.io.p)), q(r.at(r.io.q)) {}
 };
 
 // One element j of every pass after the forward statistics: accumulates the sums, writes the outputs.

@@ -1,8 +1,8 @@
 // Shared machinery of the CPU kernels: packed-mask I/O, parallel loop drivers, argument checks.
 //
-// Loop drivers hand contiguous chunks of at most kChunk elements to a kernel body, whose inner loops are
+// Loop drivers hand contiguous runs of at most kChunk elements to a kernel body, whose inner loops are
 // written for the compiler to vectorise (`#pragma omp simd`). Float32 (and half / bfloat16) partial sums
-// are accumulated in float within a chunk and in double across chunks.
+// are accumulated in float within a run (or kFlushRows rows) and in double across them.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -186,8 +186,8 @@ struct BnRun {
 //   Columns(kernel, c0, nc, S), .run(run), .flush(acc): "column" mode for short rows (S < kRowMin), where each
 //   run is one row of the block of channels [c0, c0 + nc) (nc S contiguous elements, element j of channel
 //   c0 + j / S) and the kernel accumulates per position, folded into acc[0 .. nc) by flush().
-// Column mode reads whole contiguous segments of >= kSegment elements (or full rows of all channels) instead
-// of transposing, which matters for N x C inputs (S = 1).
+// Both modes read contiguous segments of about kStream / kSegment elements (rows of consecutive channels), not
+// one channel's strided rows: each of those may sit on its own page, defeating prefetchers and TLBs.
 template <typename K>
 std::vector<typename K::Acc> bn_pass(const BnGeom& geo, const BnIO<typename K::T>& io, const K& kernel) {
   using T = typename K::T;
