@@ -46,6 +46,17 @@ def assert_close(got, want, dtype, rtol=None, scale=None):
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-3))
 
 
+def assert_same_in_both_modes(net, ref, x):
+    """Train and eval mode: same loss, first- and second-order parameter gradients and state as ``ref``."""
+    for training in (True, False):
+        net.train(training), ref.train(training)
+        (out, grads), (ref_out, ref_grads) = loss_and_grads(net, x), loss_and_grads(ref, x)
+        assert_close(out, ref_out, torch.float64)
+        for g, w in zip(grads, ref_grads):
+            assert_close(g, w, torch.float64)
+        assert_state_equal(net, ref, torch.float64)
+
+
 def assert_state_equal(got: nn.Module, want: nn.Module, dtype):
     gs, ws = got.state_dict(), want.state_dict()
     assert list(gs) == list(ws)
@@ -312,13 +323,7 @@ def test_convert_fuses_and_converts_nested(backend):
     assert [type(m) for m in pickle.loads(pickle.dumps(net)).modules()] == [type(m) for m in net.modules()]
 
     x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    for training in (True, False):
-        net.train(training), ref.train(training)
-        (out, grads), (ref_out, ref_grads) = loss_and_grads(net, x), loss_and_grads(ref, x)
-        assert_close(out, ref_out, torch.float64)
-        for g, w in zip(grads, ref_grads):
-            assert_close(g, w, torch.float64)
-        assert_state_equal(net, ref, torch.float64)
+    assert_same_in_both_modes(net, ref, x)
 
 
 def test_convert_fuse_false_keeps_modules_separate_then_fuses():
@@ -436,13 +441,7 @@ def test_convert_resnet18_matches(backend):
     assert not any(type(m) in TORCH_TYPES or isinstance(m, nn.Identity) for m in net.modules())
     assert type(net.layer1[0].relu) is fnn.ReLU and type(net.layer1[0].bn1) is fnn.BatchNorm2d
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
-    for training in (True, False):
-        net.train(training), ref.train(training)
-        (out, grads), (ref_out, ref_grads) = loss_and_grads(net, x), loss_and_grads(ref, x)
-        assert_close(out, ref_out, torch.float64)
-        for g, w in zip(grads, ref_grads):
-            assert_close(g, w, torch.float64)
-    assert_state_equal(net, ref, torch.float64)
+    assert_same_in_both_modes(net, ref, x)
 
 
 # --- Jacobian-norm training on a small VGG -----------------------------------------------------------
