@@ -175,12 +175,9 @@ def floor_bytes(case: OpCase) -> int:
         # dbwd (d/dv, d/dx, d/dw): pass 1 read u, v, x (5 sums);
         #      pass 2 read u, v, x, write d/dv, d/dx                                      8N
         # dbwd w.r.t. x only: pass 2 writes only d/dx                                     7N
+        # BN+ReLU moves the same bytes: its mask is not stored but recomputed from x, which every pass reads.
         floats = 3 + 5 + (8 if case.wrt_all else 7)
-        masks = 0
-        if case.op == "bn_relu":
-            # mask written once in fwd, read in both passes of bwd and of dbwd
-            masks = 5
-        return int(floats * n * f + masks * bit)
+        return int(floats * n * f)
     raise ValueError(case.op)
 
 

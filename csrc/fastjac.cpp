@@ -11,16 +11,16 @@ TORCH_LIBRARY(fastjac, m) {
   m.def("softplus_dbwd(Tensor ggrad, Tensor grad, Tensor x, float beta, float threshold) -> (Tensor, Tensor)");
   m.def(
       "bn_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "bn_bwd(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor mask, bool training, "
+      "bn_bwd(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, bool training, "
       "bool relu) -> (Tensor, Tensor, Tensor)");
   m.def(
       "bn_dbwd(Tensor? ggx, Tensor? ggw, Tensor? ggb, Tensor grad, Tensor x, Tensor mean, Tensor invstd, "
-      "Tensor? weight, Tensor mask, bool training, bool relu) -> (Tensor, Tensor, Tensor)");
+      "Tensor? weight, Tensor? bias, bool training, bool relu) -> (Tensor, Tensor, Tensor)");
   m.def(
       "bn_jvp(Tensor? tx, Tensor? tw, Tensor? tb, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
-      "Tensor mask, bool training, bool relu) -> Tensor");
+      "Tensor? bias, bool training, bool relu) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -11,8 +11,8 @@ def _stat(x):
     return x.new_empty((x.shape[1],), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
-def _mask(x, present=True):
-    return x.new_empty(((x.numel() + 7) // 8 if present else 0,), dtype=torch.uint8)
+def _mask(x):
+    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
 
 
 def register() -> None:
@@ -23,10 +23,10 @@ def register() -> None:
         "softplus_fwd": lambda x, beta, threshold: _like(x),
         "softplus_bwd": lambda grad, x, beta, threshold: _like(x),
         "softplus_dbwd": lambda ggrad, grad, x, beta, threshold: (_like(x), _like(x)),
-        "bn_fwd": lambda x, w, b, rm, rv, training, momentum, eps, relu: (_like(x), _stat(x), _stat(x), _mask(x, relu)),
-        "bn_bwd": lambda grad, x, mean, invstd, w, mask, training, relu: (_like(x), _stat(x), _stat(x)),
-        "bn_dbwd": lambda ggx, ggw, ggb, grad, x, mean, invstd, w, mask, training, relu: (_like(x), _like(x), _stat(x)),
-        "bn_jvp": lambda tx, tw, tb, x, mean, invstd, w, mask, training, relu: _like(x),
+        "bn_fwd": lambda x, w, b, rm, rv, training, momentum, eps, relu: (_like(x), _stat(x), _stat(x)),
+        "bn_bwd": lambda grad, x, mean, invstd, w, b, training, relu: (_like(x), _stat(x), _stat(x)),
+        "bn_dbwd": lambda ggx, ggw, ggb, grad, x, mean, invstd, w, b, training, relu: (_like(x), _like(x), _stat(x)),
+        "bn_jvp": lambda tx, tw, tb, x, mean, invstd, w, b, training, relu: _like(x),
     }
     for name, fake in fakes.items():
         torch.library.register_fake(f"fastjac::{name}", fake)

@@ -24,14 +24,15 @@ def _cases():
     for training in (True, False):
         for relu in (False, True):
             rm, rv = torch.zeros(4), torch.ones(4)
-            _, mean, invstd, bmask = k.bn_fwd(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, relu)
-            tail = (x, mean, invstd, w, bmask, training, relu)
+            _, mean, invstd = k.bn_fwd(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, relu)
+            tail = (x, mean, invstd, w, b, training, relu)
             cases += [
                 ("bn_fwd", (x, w, b, rm, rv, training, 0.1, 1e-5, relu)),
                 ("bn_bwd", (g, *tail)),
                 ("bn_dbwd", (torch.randn_like(x), torch.randn(4), torch.randn(4), g, *tail)),
                 ("bn_dbwd", (None, None, torch.randn(4), g, *tail)),
                 ("bn_jvp", (torch.randn_like(x), torch.randn(4), None, *tail)),
+                ("bn_jvp", (None, None, torch.randn(4), x, mean, invstd, None, None, training, relu)),
             ]
     return cases
 

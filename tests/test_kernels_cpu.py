@@ -2,7 +2,8 @@
 
 Every kernel of csrc/KERNELS.md is compared with ``fastjac.reference`` on float64 (tight), float32 and the
 half types (tolerances in ``TOL``, relative to the largest reference value), including packed masks (exact)
-and running-statistics updates.
+and running-statistics updates. The fused BatchNorm+ReLU kernels recompute the ReLU mask from x, mean, invstd,
+weight and bias; ``test_bn_relu_mask_recomputed_exactly`` checks that it is the forward's ``y > 0`` bit for bit.
 """
 import itertools
 
@@ -180,12 +181,12 @@ def bn_case(shape, dtype, affine, training, relu, constant_channel=False):
 
 
 def check_bn_backward(case, training, relu, dtype):
-    x, w = case["x"], case["w"]
-    _, mean, invstd, mask = case["fwd"]
+    x, w, b = case["x"], case["w"], case["b"]
+    _, mean, invstd = case["fwd"]
     C = x.shape[1]
     g, u = randn(*x.shape, dtype=dtype), randn(*x.shape, dtype=dtype)
     p, q = randn(C, dtype=dtype), randn(C, dtype=dtype)
-    args = (x, mean, invstd, w, mask, training, relu)
+    args = (x, mean, invstd, w, b, training, relu)
     assert_close(ops.bn_bwd(g, *args), ref.bn_bwd(g, *args), dtype, "bn_bwd")
     for present in itertools.product([False, True], repeat=3):
         ggx, ggw, ggb = (t if keep else None for t, keep in zip((u, p, q), present))
@@ -206,7 +207,7 @@ def check_bn_forward(case, training, relu, dtype):
         assert_close(rv, rv_ref, dtype, "running_var")
     else:
         assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
-    assert out[3].numel() == ((x.numel() + 7) // 8 if relu else 0)
+    assert len(out) == 3
 
 
 MODES = list(itertools.product([True, False], [True, False], [False, True]))  # training, affine, relu
@@ -235,8 +236,8 @@ def test_bn_large(shape, dtype, training, relu):
 @pytest.mark.parametrize("shape", [(3, 5, 7, 11), (16, 4), (2, 3, 20, 20)], ids=str)
 def test_bn_half(shape, dtype, training, relu):
     case = bn_case(shape, dtype, True, training, relu)
-    y, mean, invstd, _ = ops.bn_fwd(case["x"], case["w"], case["b"], case["rm"].clone(), case["rv"].clone(),
-                                    training, 0.1, 1e-5, relu)
+    y, mean, invstd = ops.bn_fwd(case["x"], case["w"], case["b"], case["rm"].clone(), case["rv"].clone(),
+                                 training, 0.1, 1e-5, relu)
     assert y.dtype == dtype and mean.dtype == invstd.dtype == torch.float32
     check_bn_forward(case, training, relu, dtype)
     check_bn_backward(case, training, relu, dtype)
@@ -249,7 +250,7 @@ def test_bn_constant_channel(dtype, training, relu):
     check_bn_forward(case, training, relu, dtype)
     check_bn_backward(case, training, relu, dtype)
     if training:
-        _, mean, invstd, _ = ops.bn_fwd(case["x"], None, None, None, None, True, 0.1, 1e-5, relu)
+        _, mean, invstd = ops.bn_fwd(case["x"], None, None, None, None, True, 0.1, 1e-5, relu)
         assert mean[1].item() == 1.25 and invstd[1].item() == pytest.approx(1e-5 ** -0.5, rel=1e-6)
 
 
@@ -278,10 +279,10 @@ def test_bn_noncontiguous(training):
     assert_close(out, out_ref, dtype, "bn_fwd")
     assert_close(rm, rm_ref, dtype, "running_mean")
     assert_close(rv, rv_ref, dtype, "running_var")
-    _, mean, invstd, mask = out_ref
+    _, mean, invstd = out_ref
     mean2 = torch.zeros(2 * C, dtype=dtype)[::2]
     mean2.copy_(mean)
-    args = (x, mean2, invstd, w, mask, training, True)
+    args = (x, mean2, invstd, w, b, training, True)
     assert_close(ops.bn_bwd(g, *args), ref.bn_bwd(g, *args), dtype, "bn_bwd")
     assert_close(ops.bn_dbwd(u, w, b, g, *args), ref.bn_dbwd(u, w, b, g, *args), dtype, "bn_dbwd")
     assert_close(ops.bn_jvp(u, w, b, *args), ref.bn_jvp(u, w, b, *args), dtype, "bn_jvp")
@@ -300,36 +301,39 @@ def test_bn_single_value_per_channel(shape):
 
 def test_bn_empty_batch_eval():
     x = torch.randn(0, 3, 4)
-    y, mean, invstd, mask = ops.bn_fwd(x, None, None, torch.zeros(3), torch.ones(3), False, 0.1, 1e-5, True)
-    assert y.shape == x.shape and mask.numel() == 0
-    gx, gw, gb = ops.bn_bwd(x, x, mean, invstd, None, mask, False, True)
+    y, mean, invstd = ops.bn_fwd(x, None, None, torch.zeros(3), torch.ones(3), False, 0.1, 1e-5, True)
+    assert y.shape == x.shape
+    gx, gw, gb = ops.bn_bwd(x, x, mean, invstd, None, None, False, True)
     assert gx.shape == x.shape and torch.equal(gw, torch.zeros(3)) and torch.equal(gb, torch.zeros(3))
 
 
 def test_bn_argument_checks():
     x = torch.randn(4, 3, 5)
-    _, mean, invstd, mask = ops.bn_fwd(x, None, None, None, None, True, 0.1, 1e-5, True)
+    _, mean, invstd = ops.bn_fwd(x, None, None, None, None, True, 0.1, 1e-5, True)
     with pytest.raises(RuntimeError, match="grad"):
-        ops.bn_bwd(torch.randn(4, 3, 6), x, mean, invstd, None, mask, True, True)
-    with pytest.raises(RuntimeError, match="mask"):
-        ops.bn_bwd(x, x, mean, invstd, None, mask[:-1], True, True)
+        ops.bn_bwd(torch.randn(4, 3, 6), x, mean, invstd, None, None, True, True)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.bn_bwd(x, x, mean, invstd, None, torch.zeros(4), True, True)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.bn_jvp(None, None, None, x, mean, invstd, None, torch.zeros(2), True, True)
+    ops.bn_bwd(x, x, mean, invstd, None, torch.zeros(4), True, False)  # bias is only read with relu
     with pytest.raises(RuntimeError, match="invstd"):
-        ops.bn_bwd(x, x, mean, invstd.double(), None, mask, True, True)
+        ops.bn_bwd(x, x, mean, invstd.double(), None, None, True, True)
     with pytest.raises(RuntimeError, match="weight"):
-        ops.bn_bwd(x, x, mean, invstd, torch.ones(4), mask, True, True)
+        ops.bn_bwd(x, x, mean, invstd, torch.ones(4), None, True, True)
     with pytest.raises(RuntimeError, match="N x C"):
         ops.bn_fwd(torch.randn(5), None, None, None, None, True, 0.1, 1e-5, False)
 
 
 def test_bn_independent_of_thread_count():
     case = bn_case((8, 4, 64, 64), torch.float32, True, True, True)
-    x, w, (_, mean, invstd, mask) = case["x"], case["w"], case["fwd"]
+    x, w, b, (_, mean, invstd) = case["x"], case["w"], case["b"], case["fwd"]
     g, u = torch.randn_like(x), torch.randn_like(x)
     threads = torch.get_num_threads()
 
     def run():
         return (ops.bn_fwd(x, w, case["b"], None, None, True, 0.1, 1e-5, True)
-                + ops.bn_dbwd(u, w, w, g, x, mean, invstd, w, mask, True, True))
+                + ops.bn_dbwd(u, w, w, g, x, mean, invstd, w, b, True, True))
 
     try:
         torch.set_num_threads(1)
@@ -340,3 +344,32 @@ def test_bn_independent_of_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("training,affine", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("dtype", FLOATS + HALFS)
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (6, 40, 30), (2, 3, 20, 20), (300, 1100)], ids=str)
+def test_bn_relu_mask_recomputed_exactly(shape, dtype, training, affine):
+    """Every kernel after bn_fwd recomputes the fused ReLU's mask from x with the forward's own z: bn_bwd with
+    g = 1 gives gb = the count of y > 0 per channel, and bn_jvp with tb = 1 gives the mask itself, bit for bit
+    (also at elements where z is within rounding of 0, which a different formula would misclassify)."""
+    C = shape[1]
+    x = randn(*shape, dtype=dtype, scale=2.0, shift=0.5)
+    w = randn(C, dtype=dtype) if affine else None
+    b = randn(C, dtype=dtype) if affine else None
+    rm, rv = torch.zeros(C), torch.ones(C) + 0.5
+    if dtype == torch.float64:
+        rm, rv = rm.double(), rv.double()
+    y, mean, invstd = ops.bn_fwd(x, w, b, rm, rv, training, 0.1, 1e-5, True)
+    on = y > 0
+    m = ops.bn_jvp(None, None, torch.ones(C, dtype=dtype), x, mean, invstd, w, b, training, True)
+    assert torch.equal(m, on.to(dtype))
+    _, _, gb = ops.bn_bwd(torch.ones_like(x), x, mean, invstd, w, b, training, True)
+    dims = [0] + list(range(2, x.dim()))
+    assert torch.equal(gb, on.sum(dims).to(gb.dtype))
+    ggrad, _, _ = ops.bn_dbwd(None, None, torch.ones(C, dtype=dtype), x, x, mean, invstd, w, b, training, True)
+    assert torch.equal(ggrad, on.to(dtype))
+    # the reference recomputes its own mask the same way: its forward's y > 0
+    y_ref, mean_ref, invstd_ref = ref.bn_fwd(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, True)
+    m_ref = ref.bn_jvp(None, None, torch.ones(C, dtype=dtype), x, mean_ref, invstd_ref, w, b, training, True)
+    assert torch.equal(m_ref, (y_ref > 0).to(dtype))

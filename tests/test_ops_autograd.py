@@ -133,8 +133,8 @@ def _opcheck_cases():
     ]
     for training in (True, False):
         for relu in (False, True):
-            _, mean, invstd, bmask, _, _ = torch.ops.fastjac.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5, relu)
-            tail = (x, mean, invstd, w, bmask, training, relu)
+            _, mean, invstd, _, _ = torch.ops.fastjac.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5, relu)
+            tail = (x, mean, invstd, w, b, training, relu)
             cases += [
                 ("batch_norm", (x, w, b, rm, rv, training, 0.1, 1e-5, relu)),
                 ("batch_norm", (x, None, None, rm, rv, training, 0.1, 1e-5, relu)),

@@ -2,7 +2,7 @@
 //
 // Each kernel after the forward is "pass 1: per-channel sums; coefficients (this file); pass 2: one affine
 // combination per element". With r = invstd, xh = (x - mean) * r, gamma = weight or 1, and g~ = g * m
-// (the ReLU mask when fused, else g), every pass-2 output is
+// (the ReLU mask when fused, recomputed from x by bn_z / bn_relu_on; else g), every pass-2 output is
 //     out = cu * u + cg * g~ + cx * xh + c0            (BnAffine)
 // where u is the element's second-order input (ggx for bn_dbwd, tx for bn_jvp). T is the type the
 // coefficients are computed in (double on the CPU); M is the per-channel count N * prod(spatial).
@@ -54,19 +54,50 @@ struct BnMoments {
   FASTJAC_HOST_DEVICE T var() const { return n > T(0) ? m2 / n : T(0); }  // biased
 };
 
+// a * b + c. Rounded once (an explicit fused multiply-add) where the target has one, so that the result does not
+// depend on the compiler's -ffp-contract choice at each call site; rounded twice elsewhere (nothing to contract
+// into). The fused ReLU's mask (bn_z, bn_relu_on) relies on this to be recomputed bit for bit.
+template <typename T>
+FASTJAC_HOST_DEVICE inline T bn_fma(T a, T b, T c) {
+#if defined(__CUDA_ARCH__) || (defined(__FP_FAST_FMA) && defined(__FP_FAST_FMAF))
+  using std::fma;
+  return fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The forward output before the fused ReLU, z = gamma (x - mean) r + beta, as one multiply-add per element:
+// z = a x + c with a = gamma r, c = beta - a mean (per channel, computed in T = double on the CPU and rounded once
+// to the compute type). bn_fwd writes y = z (or relu(z)) with these two functions, and every later kernel with
+// relu=true recomputes the mask m = (z > 0) with the same two functions from the saved mean, invstd, weight and
+// bias, so that m equals the forward's y > 0 bit for bit (csrc/KERNELS.md, "Fused ReLU").
+template <typename T>
+struct BnZ {
+  T a = T(0), c = T(0);
+};
+template <typename T>
+FASTJAC_HOST_DEVICE inline BnZ<T> bn_z_coef(T mean, T r, T gamma, T beta) {
+  BnZ<T> k;
+  k.a = gamma * r;
+  k.c = bn_fma(-k.a, mean, beta);
+  return k;
+}
+template <typename A>
+FASTJAC_HOST_DEVICE inline A bn_z(const BnZ<A>& k, A x) {
+  return bn_fma(k.a, x, k.c);
+}
+// The mask bit of z (compute type A) for an output of dtype T: z > 0 as stored in T, so that a float16 / bfloat16
+// z that rounds to 0 has m = 0 like y (a no-op for float and double).
+template <typename T, typename A>
+FASTJAC_HOST_DEVICE inline bool bn_relu_on(A z) {
+  return static_cast<A>(static_cast<T>(z)) > A(0);
+}
+
 template <typename T>
 FASTJAC_HOST_DEVICE inline T bn_invstd(T var, T eps) {
   using std::sqrt;
   return T(1) / sqrt(var + eps);
-}
-
-// Forward: z = gamma xh + beta.
-template <typename T>
-FASTJAC_HOST_DEVICE inline BnAffine<T> bn_fwd_coef(T gamma, T beta) {
-  BnAffine<T> z;
-  z.cx = gamma;
-  z.c0 = beta;
-  return z;
 }
 
 // Running statistics: rm = (1 - momentum) rm + momentum mean, rv = (1 - momentum) rv + momentum var M / (M - 1).

@@ -21,24 +21,38 @@ using Sums = BnSums<double>;
 using Moments = BnMoments<double>;
 using Affine = BnAffine<double>;
 
-// What one element loop reads and writes (compile-time flags). Inputs: u (ggx / tx), g (grad, times the mask
-// when fused with a ReLU), x (as xh). Outputs: p = m * (cu u + cx xh + c0), or relu(cu u + cx xh + c0) with
-// kReluP (bn_fwd, which then records the mask); q = cu u + cg g~ + cx xh + c0. With kSum, every sum of
-// BnSums whose operands are read is accumulated.
-enum : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kReluP = 32, kSum = 64 };
+// What one element loop reads and writes (compile-time flags). Inputs: u (ggx / tx), g (grad), x (as xh with
+// kX; as the forward's z = bn_z(x) with kY or kZ). kZ fuses the ReLU: the mask m = bn_relu_on(z) is recomputed
+// from x (csrc/KERNELS.md, "Fused ReLU"), g is read as g~ = g m and p is multiplied by m (without kZ, m = 1 and
+// g~ = g). Outputs: p = m (cu u + cx xh + c0), or with kY the forward's y = z (relu(z) with kZ);
+// q = cu u + cg g~ + cx xh + c0. With kSum, every sum of BnSums whose operands are read is accumulated.
+enum : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128 };
 
-// The flag sets the kernels use, one compiled loop each (run_affine() rejects others).
-using AffineFlags = std::integer_sequence<unsigned,  //
-                                          kOutP, kU | kOutP, kX | kOutP, kU | kX | kOutP, kX | kOutP | kReluP,
-                                          kG | kX | kOutQ, kG | kX | kOutP | kOutQ, kU | kG | kX | kOutP | kOutQ,
-                                          kU | kX | kSum, kG | kX | kSum, kU | kG | kX | kSum,
-                                          kG | kX | kOutQ | kSum, kU | kG | kOutP | kOutQ | kSum,
-                                          kU | kG | kX | kOutP | kOutQ | kSum>;
+template <unsigned Extra, unsigned... Fs>
+constexpr auto with_flag(std::integer_sequence<unsigned, Fs...>) {
+  return std::integer_sequence<unsigned, (Fs | Extra)...>{};
+}
+template <unsigned... A, unsigned... B>
+constexpr auto concat(std::integer_sequence<unsigned, A...>, std::integer_sequence<unsigned, B...>) {
+  return std::integer_sequence<unsigned, A..., B...>{};
+}
+
+// The flag sets the kernels use, one compiled loop each (run_affine() rejects others): bn_fwd's, the one pass
+// that neither reads g nor writes p (so never masked), and the others without and with the fused ReLU.
+using MaskableFlags = std::integer_sequence<unsigned,  //
+                                            kOutP, kU | kOutP, kX | kOutP, kU | kX | kOutP,  //
+                                            kG | kX | kOutQ, kG | kX | kOutP | kOutQ, kU | kG | kX | kOutP | kOutQ,
+                                            kG | kX | kSum, kU | kG | kX | kSum, kG | kX | kOutQ | kSum,
+                                            kU | kG | kOutP | kOutQ | kSum, kU | kG | kX | kOutP | kOutQ | kSum>;
+using AffineFlags = decltype(concat(concat(std::integer_sequence<unsigned, kY | kOutP, kY | kOutP | kZ, kU | kX | kSum>{},
+                                           MaskableFlags{}),
+                                    with_flag<kZ>(MaskableFlags{})));
 
 template <typename A>
 struct ChannelCoef {  // per-channel constants of one loop, in the compute type
   A mean = A(0), r = A(0);
   BnAffine<A> p, q;
+  BnZ<A> z;  // the forward's z = a x + c (bn_fwd's output, the fused ReLU's mask)
 };
 
 template <bool U, bool G, bool X, typename A>
@@ -64,22 +78,29 @@ struct Ptrs {  // the arrays of one run
 
 // One element j of every pass after the forward statistics: accumulates the sums, writes the outputs.
 template <unsigned F, typename T, typename A>
-[[gnu::always_inline]] inline void bn_element(const ChannelCoef<A>& k, const Ptrs<T>& a, int64_t j, A m, A& su,
-                                              A& sux, A& sg, A& sgx, A& sug) {
-  constexpr bool U = F & kU, G = F & kG, X = F & kX, P = F & kOutP, Q = F & kOutQ, Relu = F & kReluP,
+[[gnu::always_inline]] inline void bn_element(const ChannelCoef<A>& k, const Ptrs<T>& a, int64_t j, A& su, A& sux,
+                                              A& sg, A& sgx, A& sug) {
+  constexpr bool U = F & kU, G = F & kG, X = F & kX, P = F & kOutP, Q = F & kOutQ, Y = F & kY, Z = F & kZ,
                  Sum = F & kSum;
-  A uj = A(0), gj = A(0), xh = A(0);
+  A uj = A(0), gj = A(0), xh = A(0), z = A(0), m = A(1);
+  bool on = true;
   if constexpr (U) uj = static_cast<A>(a.u[j]);
-  if constexpr (G) gj = static_cast<A>(a.g[j]) * m;
-  if constexpr (X) xh = (static_cast<A>(a.x[j]) - k.mean) * k.r;
+  if constexpr (X || Y || Z) {
+    const A xj = static_cast<A>(a.x[j]);
+    if constexpr (X) xh = (xj - k.mean) * k.r;
+    if constexpr (Y || Z) z = bn_z(k.z, xj);
+  }
+  if constexpr (Z) on = bn_relu_on<T>(z), m = on ? A(1) : A(0);
+  if constexpr (G) gj = Z ? static_cast<A>(a.g[j]) * m : static_cast<A>(a.g[j]);
   if constexpr (Sum && U) su += uj;
   if constexpr (Sum && U && X) sux += uj * xh;
   if constexpr (Sum && G) sg += gj;
   if constexpr (Sum && G && X) sgx += gj * xh;
   if constexpr (Sum && U && G) sug += uj * gj;
-  if constexpr (P) {
+  if constexpr (P && Y) a.p[j] = on ? static_cast<T>(z) : T(0);
+  if constexpr (P && !Y) {
     const A v = affine<U, false, X>(k.p, uj, gj, xh);
-    a.p[j] = static_cast<T>(Relu ? (v > A(0) ? v : A(0)) : v * m);
+    a.p[j] = static_cast<T>(Z ? v * m : v);
   }
   if constexpr (Q) a.q[j] = static_cast<T>(affine<U, G, X>(k.q, uj, gj, xh));
 }
@@ -95,16 +116,15 @@ struct AffinePass {
   void row(int64_t c, const BnRun<T, A>& run, Acc& acc) const {
     const Ptrs<T> a(run);
     const ChannelCoef<A> kc = k[c];
-    const A* __restrict__ m = run.m;
     A su = 0, sux = 0, sg = 0, sgx = 0, sug = 0;
 #pragma omp simd reduction(+ : su, sux, sg, sgx, sug)
-    for (int64_t j = 0; j < run.len; ++j) bn_element<F>(kc, a, j, m[j], su, sux, sg, sgx, sug);
+    for (int64_t j = 0; j < run.len; ++j) bn_element<F>(kc, a, j, su, sux, sg, sgx, sug);
     if constexpr (F & kSum) acc.merge(Sums{su, sux, sg, sgx, sug});
   }
 
   // Column mode: the constants and float sums per position (element e of the block is channel c0 + e / S).
   struct Columns {
-    enum { kMean, kR, kPu, kPx, kP0, kQu, kQg, kQx, kQ0, kSu, kSux, kSg, kSgx, kSug, kArrays };
+    enum { kMean, kR, kPu, kPx, kP0, kQu, kQg, kQx, kQ0, kZa, kZc, kSu, kSux, kSg, kSgx, kSug, kArrays };
     int64_t S, L, stride;  // arrays `stride` apart: padded so that they do not alias at 4 KiB
     std::vector<A> buf;
     A* at(int a) { return buf.data() + a * stride; }
@@ -113,20 +133,21 @@ struct AffinePass {
       for (int64_t e = 0; e < L; ++e) {
         const ChannelCoef<A>& kc = pass.k[c0 + e / S];
         for (auto [a, v] : {std::pair{kMean, kc.mean}, {kR, kc.r}, {kPu, kc.p.cu}, {kPx, kc.p.cx}, {kP0, kc.p.c0},
-                            {kQu, kc.q.cu}, {kQg, kc.q.cg}, {kQx, kc.q.cx}, {kQ0, kc.q.c0}})
+                            {kQu, kc.q.cu}, {kQg, kc.q.cg}, {kQx, kc.q.cx}, {kQ0, kc.q.c0}, {kZa, kc.z.a},
+                            {kZc, kc.z.c}})
           at(a)[e] = v;
       }
     }
     void run(const BnRun<T, A>& run) {
       const Ptrs<T> a(run);
-      const A* __restrict__ m = run.m;
       const A *mean = at(kMean), *r = at(kR), *pu = at(kPu), *px = at(kPx), *p0 = at(kP0), *qu = at(kQu),
-              *qg = at(kQg), *qx = at(kQx), *q0 = at(kQ0);
+              *qg = at(kQg), *qx = at(kQx), *q0 = at(kQ0), *za = at(kZa), *zc = at(kZc);
       A *su = at(kSu), *sux = at(kSux), *sg = at(kSg), *sgx = at(kSgx), *sug = at(kSug);
       FASTJAC_OMP_SIMD
       for (int64_t j = 0; j < L; ++j) {
-        const ChannelCoef<A> kc{mean[j], r[j], {pu[j], A(0), px[j], p0[j]}, {qu[j], qg[j], qx[j], q0[j]}};
-        bn_element<F>(kc, a, j, m[j], su[j], sux[j], sg[j], sgx[j], sug[j]);
+        const ChannelCoef<A> kc{
+            mean[j], r[j], {pu[j], A(0), px[j], p0[j]}, {qu[j], qg[j], qx[j], q0[j]}, {za[j], zc[j]}};
+        bn_element<F>(kc, a, j, su[j], sux[j], sg[j], sgx[j], sug[j]);
       }
     }
     void flush(Acc* acc) {
@@ -200,10 +221,17 @@ struct MomentsPass {
 // Saved / computed statistics of a call.
 struct Stats {
   std::vector<double> mean, invstd;  // values of the statistics tensors (float32 or float64)
+  std::vector<BnZ<double>> z;        // the forward's z = a x + c per channel (set_z), when needed
   Stats(const Tensor& m, const Tensor& r) : mean(to_vector(m)), invstd(to_vector(r)) {}
   static std::vector<double> to_vector(const Tensor& t) {
     const Tensor d = t.to(at::kDouble).contiguous();
     return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+  }
+  // bn_z_coef of every channel: the same values in bn_fwd and in the kernels after it, which get the forward's
+  // mean and invstd tensors (exactly representable in double) and the same weight and bias.
+  void set_z(const std::vector<double>& gamma, const std::vector<double>& beta) {
+    z.resize(mean.size());
+    for (size_t c = 0; c < z.size(); ++c) z[c] = bn_z_coef(mean[c], invstd[c], gamma[c], beta[c]);
   }
 };
 
@@ -212,12 +240,12 @@ template <typename T, unsigned... Fs>
 std::vector<Sums> run_affine(unsigned flags, const BnGeom& geo, BnIO<T> io,
                              const std::vector<ChannelCoef<at::opmath_type<T>>>& k,
                              std::integer_sequence<unsigned, Fs...>) {
+  if (!(flags & (kG | kOutP))) flags &= ~kZ;  // the mask only scales g and p
   if (!(flags & kU)) io.u = nullptr;
   if (!(flags & kG)) io.g = nullptr;
-  if (!(flags & kX)) io.x = nullptr;
-  if (!(flags & kOutP)) io.p = nullptr, io.mask_out = nullptr;
+  if (!(flags & (kX | kY | kZ))) io.x = nullptr;
+  if (!(flags & kOutP)) io.p = nullptr;
   if (!(flags & kOutQ)) io.q = nullptr;
-  if (!(flags & (kG | kOutP)) || (flags & kReluP)) io.mask = nullptr;
   std::vector<Sums> sums;
   const bool compiled = ((flags == Fs && (sums = bn_pass(geo, io, AffinePass<Fs, T>{k}), true)) || ...);
   TORCH_CHECK(compiled, "fastjac: no BatchNorm loop compiled for flags ", flags, " (add them to AffineFlags)");
@@ -226,15 +254,22 @@ std::vector<Sums> run_affine(unsigned flags, const BnGeom& geo, BnIO<T> io,
 
 // The common shape of the kernels: pass 1 sums the operands in `sum_flags` (none when 0); coef(c, sums) gives
 // the channel's (p, q) coefficients; pass 2 writes the outputs of `out_flags`. When `fused` (eval: the
-// coefficients do not depend on the sums) a single pass does both. Returns the per-channel sums.
+// coefficients do not depend on the sums) a single pass does both. With `relu`, both passes recompute the mask
+// from x with st.z (kZ). Returns the per-channel sums.
 template <typename T, typename CoefFn>
-std::vector<Sums> sums_then_affine(const BnGeom& geo, const BnIO<T>& io, const Stats& st, unsigned sum_flags,
-                                   unsigned out_flags, bool fused, const CoefFn& coef) {
+std::vector<Sums> sums_then_affine(const BnGeom& geo, const BnIO<T>& io, const Stats& st, bool relu,
+                                   unsigned sum_flags, unsigned out_flags, bool fused, const CoefFn& coef) {
   using A = at::opmath_type<T>;
   std::vector<ChannelCoef<A>> k(geo.C);
-  for (int64_t c = 0; c < geo.C; ++c) k[c].mean = A(st.mean[c]), k[c].r = A(st.invstd[c]);
+  for (int64_t c = 0; c < geo.C; ++c) {
+    k[c].mean = A(st.mean[c]), k[c].r = A(st.invstd[c]);
+    if (!st.z.empty()) k[c].z = BnZ<A>{A(st.z[c].a), A(st.z[c].c)};
+  }
+  TORCH_CHECK(!relu || !st.z.empty(), "fastjac: BatchNorm mask coefficients missing");
+  const unsigned mask = relu ? kZ : 0;
   std::vector<Sums> sums(geo.C);
-  if (sum_flags) sum_flags |= kSum;
+  out_flags |= mask;
+  if (sum_flags) sum_flags |= kSum | mask;
   if (sum_flags && !fused) sums = run_affine(sum_flags, geo, io, k, AffineFlags{});
   auto cast = [](const Affine& a) { return BnAffine<A>{A(a.cu), A(a.cg), A(a.cx), A(a.c0)}; };
   for (int64_t c = 0; c < geo.C; ++c) {
@@ -280,10 +315,12 @@ Stats saved_stats(const Tensor& x, const Tensor& mean, const Tensor& invstd, con
   return Stats(mean, invstd);
 }
 
-Tensor mask_arg(const Tensor& mask, const Tensor& x, bool relu, const char* op) {
-  if (!relu) return Tensor();
-  check_mask(mask, x.numel(), op);
-  return mask.contiguous();
+// Statistics of bn_bwd / bn_dbwd / bn_jvp, with the mask coefficients when `relu` (bias is read only then).
+Stats saved_stats(const Tensor& x, const Tensor& mean, const Tensor& invstd, const std::vector<double>& gamma,
+                  const OptTensor& bias, bool relu, const char* op) {
+  Stats st = saved_stats(x, mean, invstd, op);
+  if (relu) st.set_z(gamma, channel_values(bias, x.size(1), 0.0, op, "bias"));
+  return st;
 }
 
 Tensor stat_tensor(const std::vector<double>& v, const Tensor& x) {
@@ -299,8 +336,8 @@ const T* ptr(const Tensor& t) {
 // Kernels
 
 // bn_fwd: training batch statistics (biased var) and running-statistics update, or eval running statistics;
-// y = z = gamma xh + beta, or relu(z) with mask = (z > 0) when `relu`.
-std::tuple<Tensor, Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& weight, const OptTensor& bias,
+// y = z = gamma xh + beta (as bn_z), or relu(z) when `relu` (the mask is not stored: later kernels recompute it).
+std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& weight, const OptTensor& bias,
                                                   const OptTensor& running_mean, const OptTensor& running_var,
                                                   bool training, double momentum, double eps, bool relu) {
   constexpr const char* op = "fastjac::bn_fwd";
@@ -341,36 +378,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTen
     invstd = running_var->to(stat_dtype(x)).add(eps).rsqrt();
   }
   const Tensor y = empty_output(x);
-  const Tensor mask = relu ? at::zeros({mask_bytes(x.numel())}, x.options().dtype(at::kByte))
-                           : at::empty({0}, x.options().dtype(at::kByte));
+  Stats st(mean, invstd);
+  st.set_z(gamma, beta);
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
     BnIO<scalar_t> io;
     io.x = x.data_ptr<scalar_t>();
     io.p = y.data_ptr<scalar_t>();
-    io.mask_out = relu ? mask.data_ptr<uint8_t>() : nullptr;
-    sums_then_affine(geo, io, Stats(mean, invstd), 0, kX | kOutP | (relu ? kReluP : 0), false,
-                     [&](int64_t c, const Sums&) { return std::pair{bn_fwd_coef(gamma[c], beta[c]), Affine{}}; });
+    sums_then_affine(geo, io, st, relu, 0, kOutP | kY, false,
+                     [&](int64_t, const Sums&) { return std::pair{Affine{}, Affine{}}; });
   });
-  return {y, mean, invstd, mask};
+  return {y, mean, invstd};
 }
 
 // bn_bwd: gx = gamma r (g~ - Sg/M - xh Sgx/M) (training) or gamma r g~ (eval); gw = Sgx, gb = Sg.
 std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad, const Tensor& x_, const Tensor& mean,
-                                          const Tensor& invstd, const OptTensor& weight, const Tensor& mask,
+                                          const Tensor& invstd, const OptTensor& weight, const OptTensor& bias,
                                           bool training, bool relu) {
   constexpr const char* op = "fastjac::bn_bwd";
   check_input(x_, op);
   check_like(grad, x_, op, "grad");
-  const Tensor x = x_.contiguous(), g = grad.contiguous(), m = mask_arg(mask, x, relu, op);
+  const Tensor x = x_.contiguous(), g = grad.contiguous();
   const BnGeom geo(x);
-  const Stats st = saved_stats(x, mean, invstd, op);
   const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
+  const Stats st = saved_stats(x, mean, invstd, gamma, bias, relu, op);
   const Tensor gx = empty_output(x);
   std::vector<Sums> sums;
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
-    const BnIO<scalar_t> io{ptr<scalar_t>(x), ptr<scalar_t>(g), nullptr, ptr<uint8_t>(m), nullptr,
-                            gx.data_ptr<scalar_t>(), nullptr};
-    sums = sums_then_affine(geo, io, st, kG | kX, kG | (training ? kX : 0) | kOutQ, !training,
+    const BnIO<scalar_t> io{ptr<scalar_t>(x), ptr<scalar_t>(g), nullptr, nullptr, gx.data_ptr<scalar_t>()};
+    sums = sums_then_affine(geo, io, st, relu, kG | kX, kG | (training ? kX : 0) | kOutQ, !training,
                             [&](int64_t c, const Sums& s) {
                               const auto k = bn_bwd_coef(s, double(geo.count()), gamma[c], st.invstd[c], training);
                               return std::pair{Affine{}, k.gx};
@@ -384,17 +419,17 @@ std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad, const Tensor& x_, 
 // bn_dbwd: (ggrad, gx, gw) of KERNELS.md with u = ggx, p = ggw, q = ggb; sums only of present operands.
 std::tuple<Tensor, Tensor, Tensor> bn_dbwd(const OptTensor& ggx, const OptTensor& ggw, const OptTensor& ggb,
                                            const Tensor& grad, const Tensor& x_, const Tensor& mean,
-                                           const Tensor& invstd, const OptTensor& weight, const Tensor& mask,
+                                           const Tensor& invstd, const OptTensor& weight, const OptTensor& bias,
                                            bool training, bool relu) {
   constexpr const char* op = "fastjac::bn_dbwd";
   check_input(x_, op);
   check_like(grad, x_, op, "grad");
   if (ggx.has_value()) check_like(*ggx, x_, op, "ggx");
-  const Tensor x = x_.contiguous(), g = grad.contiguous(), m = mask_arg(mask, x, relu, op);
+  const Tensor x = x_.contiguous(), g = grad.contiguous();
   const Tensor u = ggx.has_value() ? ggx->contiguous() : Tensor();
   const BnGeom geo(x);
-  const Stats st = saved_stats(x, mean, invstd, op);
   const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
+  const Stats st = saved_stats(x, mean, invstd, gamma, bias, relu, op);
   const auto p = channel_values(ggw, geo.C, 0.0, op, "ggw");
   const auto q = channel_values(ggb, geo.C, 0.0, op, "ggb");
   const bool has_u = u.defined(), has_p = ggw.has_value(), has_gx = has_u || has_p;
@@ -408,9 +443,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_dbwd(const OptTensor& ggx, const OptTensor
   };
   std::vector<Sums> sums;
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
-    const BnIO<scalar_t> io{ptr<scalar_t>(x),        ptr<scalar_t>(g),        ptr<scalar_t>(u), ptr<uint8_t>(m),
-                            ggrad.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), nullptr};
-    sums = sums_then_affine(geo, io, st, sum_flags, out_flags, !training, [&](int64_t c, const Sums& s) {
+    const BnIO<scalar_t> io{ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(u), ggrad.data_ptr<scalar_t>(),
+                            gx.data_ptr<scalar_t>()};
+    sums = sums_then_affine(geo, io, st, relu, sum_flags, out_flags, !training, [&](int64_t c, const Sums& s) {
       const auto k = coef(c, s);
       return std::pair{k.ggrad, k.gx};
     });
@@ -423,15 +458,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_dbwd(const OptTensor& ggx, const OptTensor
 // bn_jvp: z_dot = gamma r (tx - mean(tx) - xh mean(tx xh)) + tw xh + tb (training; eval without the means),
 // times the mask when `relu`.
 Tensor bn_jvp(const OptTensor& tx, const OptTensor& tw, const OptTensor& tb, const Tensor& x_, const Tensor& mean,
-              const Tensor& invstd, const OptTensor& weight, const Tensor& mask, bool training, bool relu) {
+              const Tensor& invstd, const OptTensor& weight, const OptTensor& bias, bool training, bool relu) {
   constexpr const char* op = "fastjac::bn_jvp";
   check_input(x_, op);
   if (tx.has_value()) check_like(*tx, x_, op, "tx");
-  const Tensor x = x_.contiguous(), m = mask_arg(mask, x, relu, op);
+  const Tensor x = x_.contiguous();
   const Tensor t = tx.has_value() ? tx->contiguous() : Tensor();
   const BnGeom geo(x);
-  const Stats st = saved_stats(x, mean, invstd, op);
   const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
+  const Stats st = saved_stats(x, mean, invstd, gamma, bias, relu, op);
   const auto dw = channel_values(tw, geo.C, 0.0, op, "tw");
   const auto db = channel_values(tb, geo.C, 0.0, op, "tb");
   const bool has_t = t.defined();
@@ -439,9 +474,8 @@ Tensor bn_jvp(const OptTensor& tx, const OptTensor& tw, const OptTensor& tb, con
   const unsigned out_flags = kOutP | (has_t ? kU : 0) | (tw.has_value() || (training && has_t) ? kX : 0);
   const Tensor out = empty_output(x);
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
-    const BnIO<scalar_t> io{ptr<scalar_t>(x), nullptr, ptr<scalar_t>(t), ptr<uint8_t>(m),
-                            out.data_ptr<scalar_t>(), nullptr, nullptr};
-    sums_then_affine(geo, io, st, sum_flags, out_flags, false, [&](int64_t c, const Sums& s) {
+    const BnIO<scalar_t> io{ptr<scalar_t>(x), nullptr, ptr<scalar_t>(t), out.data_ptr<scalar_t>(), nullptr};
+    sums_then_affine(geo, io, st, relu, sum_flags, out_flags, false, [&](int64_t c, const Sums& s) {
       return std::pair{bn_jvp_coef(s, double(geo.count()), gamma[c], st.invstd[c], dw[c], db[c], training), Affine{}};
     });
   });

@@ -87,13 +87,6 @@ inline void expand_mask(const uint8_t* mask, int64_t i0, int64_t len, A* __restr
   for (; k < len; ++k) m[k] = A(mask_get(mask, i0 + k));
 }
 
-// kChunk ones: the expanded mask when there is none.
-template <typename A>
-inline const A* ones() {
-  static const std::vector<A> v(kChunk, A(1));
-  return v.data();
-}
-
 // Records y[k] > 0 as mask elements i0 + k, k < len. Bytes fully inside the range are stored. A partially
 // covered byte is OR-ed atomically when `shared` (other threads may own its other bits; the mask must be
 // zero-initialised); otherwise the caller owns it and writes [i0, i0 + len) in increasing order.
@@ -159,19 +152,15 @@ struct BnIO {
   const T* x = nullptr;
   const T* g = nullptr;
   const T* u = nullptr;
-  const uint8_t* mask = nullptr;  // read: expanded into BnRun::m
   T* p = nullptr;
   T* q = nullptr;
-  uint8_t* mask_out = nullptr;  // written after each run: bits of p > 0 (zero-initialised mask)
 };
 
-// A contiguous run of `len` elements from flat index i handed to a kernel, with the mask expanded into m
-// (ones when there is none).
+// A contiguous run of `len` elements from flat index i handed to a kernel.
 template <typename T, typename A>
 struct BnRun {
   const BnIO<T>& io;
   int64_t i, len;
-  const A* m;
   template <typename P>
   P* at(P* ptr) const {
     return ptr ? ptr + i : nullptr;
@@ -193,7 +182,7 @@ std::vector<typename K::Acc> bn_pass(const BnGeom& geo, const BnIO<typename K::T
   using T = typename K::T;
   using A = typename K::A;
   using Acc = typename K::Acc;
-  static_assert(kSegment <= kChunk && kRowMin <= kChunk, "runs fit the mask buffer");
+  static_assert(kSegment <= kChunk && kRowMin <= kChunk, "runs are at most kChunk elements");
   const int64_t C = geo.C, S = geo.S, per_c = geo.count();
   std::vector<Acc> result(C);
   if (geo.numel() == 0) return result;
@@ -209,12 +198,7 @@ std::vector<typename K::Acc> bn_pass(const BnGeom& geo, const BnIO<typename K::T
   std::vector<Acc> parts(nsplit * C);
   const int64_t grain = std::max<int64_t>(1, kParallelMin / (span * cb));
   at::parallel_for(0, nblocks * nsplit, grain, [&](int64_t t0, int64_t t1) {
-    alignas(64) A mbuf[kChunk];
-    auto visit = [&](int64_t i, int64_t len, auto&& f) {
-      if (io.mask) expand_mask(io.mask, i, len, mbuf);
-      f(BnRun<T, A>{io, i, len, io.mask ? mbuf : ones<A>()});
-      if (io.mask_out) pack_positive(io.p + i, i, len, io.mask_out, /*shared=*/true);
-    };
+    auto visit = [&](int64_t i, int64_t len, auto&& f) { f(BnRun<T, A>{io, i, len}); };
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t sp = t % nsplit, c0 = (t / nsplit) * cb, nc = std::min(C - c0, cb);
       const int64_t j0 = sp * span, j1 = std::min(per_c, j0 + span);  // this task's part of each channel

@@ -1,7 +1,8 @@
 """Fused BatchNorm and BatchNorm+ReLU, with ``nn.BatchNorm`` running-statistics semantics.
 
-Chain (``relu`` flag fuses the ReLU, saving a 1-bit mask of ``z > 0``):
-``fastjac::batch_norm`` (y, mean, invstd, mask, updated running statistics, written back once by the caller) ->
+Chain (``relu`` flag fuses the ReLU; its mask ``z > 0`` is not saved but recomputed by every kernel from the
+saved x, mean, invstd, weight and bias, with the forward's own formula, csrc/KERNELS.md "Fused ReLU"):
+``fastjac::batch_norm`` (y, mean, invstd, updated running statistics, written back once by the caller) ->
 ``fastjac::batch_norm_backward`` (gx, gw, gb) -> ``fastjac::batch_norm_double_backward`` (ggrad, gx, gw),
 plus ``fastjac::batch_norm_jvp`` for forward mode. The backward links take the saved batch statistics as
 constants and return total derivatives (the statistics' dependence on ``x`` is in the formulas of
@@ -47,81 +48,81 @@ def _batch_norm_op(
     momentum: float,
     eps: float,
     relu: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # Functional (autograd needs it): the kernel updates copies of the running statistics, which the
     # caller writes back once; they are C-element vectors, so the copies cost nothing measurable.
     rm = None if running_mean is None else running_mean.clone()
     rv = None if running_var is None else running_var.clone()
-    y, mean, invstd, mask = _backend.kernels(x.device).bn_fwd(
+    y, mean, invstd = _backend.kernels(x.device).bn_fwd(
         x.contiguous(), weight, bias, rm, rv, training, momentum, eps, relu
     )
     rm, rv = (x.new_empty((0,), dtype=_stat_dtype(x)) if r is None else r for r in (rm, rv))
-    return y, mean, invstd, mask, rm, rv
+    return y, mean, invstd, rm, rv
 
 
 @_batch_norm_op.register_fake
 def _(x, weight, bias, running_mean, running_var, training, momentum, eps, relu):
-    mask = x.new_empty(((x.numel() + 7) // 8 if relu else 0,), dtype=torch.uint8)
     stats = [x.new_empty((0,), dtype=_stat_dtype(x)) if r is None else _like(r) for r in (running_mean, running_var)]
-    return _like(x), _channel_stat(x), _channel_stat(x), mask, *stats
+    return _like(x), _channel_stat(x), _channel_stat(x), *stats
 
 
 @torch.library.custom_op("fastjac::batch_norm_backward", mutates_args=())
 def _batch_norm_backward_op(
-    grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], mask: Tensor,
+    grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     training: bool, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     k = _backend.kernels(x.device)
-    return k.bn_bwd(grad.contiguous(), x, mean, invstd, weight, mask, training, relu)
+    return k.bn_bwd(grad.contiguous(), x, mean, invstd, weight, bias, training, relu)
 
 
 @_batch_norm_backward_op.register_fake
-def _(grad, x, mean, invstd, weight, mask, training, relu):
+def _(grad, x, mean, invstd, weight, bias, training, relu):
     return _like(x), _channel_stat(x), _channel_stat(x)
 
 
 @torch.library.custom_op("fastjac::batch_norm_double_backward", mutates_args=())
 def _batch_norm_double_backward_op(
     ggx: Optional[Tensor], ggw: Optional[Tensor], ggb: Optional[Tensor], grad: Tensor, x: Tensor,
-    mean: Tensor, invstd: Tensor, weight: Optional[Tensor], mask: Tensor, training: bool, relu: bool,
+    mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], training: bool, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     k = _backend.kernels(x.device)
-    return k.bn_dbwd(_c(ggx), _c(ggw), _c(ggb), grad.contiguous(), x, mean, invstd, weight, mask, training, relu)
+    return k.bn_dbwd(_c(ggx), _c(ggw), _c(ggb), grad.contiguous(), x, mean, invstd, weight, bias, training, relu)
 
 
 @_batch_norm_double_backward_op.register_fake
-def _(ggx, ggw, ggb, grad, x, mean, invstd, weight, mask, training, relu):
+def _(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training, relu):
     return _like(x), _like(x), _channel_stat(x)
 
 
 @torch.library.custom_op("fastjac::batch_norm_jvp", mutates_args=())
 def _batch_norm_jvp_op(
     tx: Optional[Tensor], tw: Optional[Tensor], tb: Optional[Tensor], x: Tensor, mean: Tensor,
-    invstd: Tensor, weight: Optional[Tensor], mask: Tensor, training: bool, relu: bool,
+    invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], training: bool, relu: bool,
 ) -> Tensor:
     k = _backend.kernels(x.device)
-    return k.bn_jvp(_c(tx), _c(tw), _c(tb), x, mean, invstd, weight, mask, training, relu)
+    return k.bn_jvp(_c(tx), _c(tw), _c(tb), x, mean, invstd, weight, bias, training, relu)
 
 
 @_batch_norm_jvp_op.register_fake
-def _(tx, tw, tb, x, mean, invstd, weight, mask, training, relu):
+def _(tx, tw, tb, x, mean, invstd, weight, bias, training, relu):
     return _like(x)
 
 
 # --- link 1: batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, relu) ---
 def _save_forward(ctx, inputs, output):
-    x, weight = inputs[0], inputs[1]
-    _, mean, invstd, mask, new_mean, new_var = output
-    ctx.mark_non_differentiable(mean, invstd, mask, new_mean, new_var)
-    ctx.save_for_backward(x, weight, mean, invstd, mask)
+    x, weight, bias = inputs[0], inputs[1], inputs[2]
+    _, mean, invstd, new_mean, new_var = output
+    ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
+    # Nothing else: the fused ReLU's mask is recomputed from these (bias is only read for it).
+    ctx.save_for_backward(x, weight, bias if inputs[8] else None, mean, invstd)
     ctx.training, ctx.relu = inputs[5], inputs[8]
 
 
 def _forward_vjp(ctx, grad, *_non_differentiable):
     if grad is None:
         return (None,) * 9
-    x, weight, mean, invstd, mask = ctx.saved_tensors
-    gx, gw, gb = batch_norm_backward(grad, x, mean, invstd, weight, mask, ctx.training, ctx.relu)
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    gx, gw, gb = batch_norm_backward(grad, x, mean, invstd, weight, bias, ctx.training, ctx.relu)
     need = ctx.needs_input_grad
     gw = gw.to(weight.dtype) if need[1] else None
     gb = gb.to(weight.dtype if weight is not None else gb.dtype) if need[2] else None
@@ -129,17 +130,19 @@ def _forward_vjp(ctx, grad, *_non_differentiable):
 
 
 def _forward_jvp(ctx, tx, tw, tb, *_):
-    x, weight, mean, invstd, mask = ctx.saved_tensors
-    y_dot = _batch_norm_jvp(tx, tw, tb, x, mean, invstd, weight, mask, ctx.training, ctx.relu)
-    return y_dot, None, None, None, None, None
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    y_dot = _batch_norm_jvp(tx, tw, tb, x, mean, invstd, weight, bias, ctx.training, ctx.relu)
+    return y_dot, None, None, None, None
 
 
-# --- link 2: batch_norm_backward(grad, x, mean, invstd, weight, mask, training, relu) ----------------
+# --- link 2: batch_norm_backward(grad, x, mean, invstd, weight, bias, training, relu) ----------------
+# bias only enters through the ReLU mask, which is piecewise constant: no derivative w.r.t. it (nor through the
+# mask w.r.t. x); the forward link's gradient w.r.t. bias is gb of link 2.
 def _backward_vjp(ctx, ggx, ggw, ggb):
     if ggx is None and ggw is None and ggb is None:
         return (None,) * 8
-    grad, x, mean, invstd, weight, mask, training, relu = saved_inputs(ctx)
-    ggrad, gx, gw = batch_norm_double_backward(ggx, ggw, ggb, grad, x, mean, invstd, weight, mask, training, relu)
+    grad, x, mean, invstd, weight, bias, training, relu = saved_inputs(ctx)
+    ggrad, gx, gw = batch_norm_double_backward(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training, relu)
     need = ctx.needs_input_grad
     gw = gw.to(weight.dtype) if need[4] else None
     return (ggrad if need[0] else None), (gx if need[1] else None), None, None, gw, None, None, None
@@ -155,8 +158,8 @@ def _forward_and_update(x, weight, bias, running_mean, running_var, training, mo
     out = _batch_norm_op(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
     if training and running_mean is not None:
         with torch.no_grad():
-            running_mean.copy_(out[4])
-            running_var.copy_(out[5])
+            running_mean.copy_(out[3])
+            running_var.copy_(out[4])
     return out
 
 
@@ -172,15 +175,16 @@ _batch_norm_double_backward = differentiable(
 _batch_norm_jvp = differentiable(_batch_norm_jvp_op, setup_context=save_inputs, backward=_jvp_vjp, jvp=_jvp_jvp)
 
 
-def batch_norm_backward(grad, x, mean, invstd, weight, mask, training: bool, relu: bool):
-    """VJP of batch norm (+ReLU) for ``(x, weight, bias)``: ``(gx, gw, gb)``, differentiable."""
-    return _batch_norm_backward(grad.contiguous(), x, mean, invstd, weight, mask, training, relu)
+def batch_norm_backward(grad, x, mean, invstd, weight, bias, training: bool, relu: bool):
+    """VJP of batch norm (+ReLU) for ``(x, weight, bias)``: ``(gx, gw, gb)``, differentiable
+    (``bias`` is only read for the ReLU mask, with ``relu``)."""
+    return _batch_norm_backward(grad.contiguous(), x, mean, invstd, weight, bias, training, relu)
 
 
-def batch_norm_double_backward(ggx, ggw, ggb, grad, x, mean, invstd, weight, mask, training: bool, relu: bool):
+def batch_norm_double_backward(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training: bool, relu: bool):
     """VJP of :func:`batch_norm_backward` for ``(grad, x, weight)``; any of ``ggx, ggw, ggb`` may be None."""
     return _batch_norm_double_backward(
-        _c(ggx), _c(ggw), _c(ggb), grad.contiguous(), x, mean, invstd, weight, mask, training, relu
+        _c(ggx), _c(ggw), _c(ggb), grad.contiguous(), x, mean, invstd, weight, bias, training, relu
     )
 
 

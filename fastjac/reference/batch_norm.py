@@ -3,10 +3,13 @@
 In training mode the saved ``mean``/``invstd`` are re-expressed as functions of ``x`` (same values,
 derivatives of the batch statistics), so that autograd through these functions gives correct
 derivatives of any order; this is what the autograd layer falls back on beyond the second order.
+
+With ``relu`` the ReLU mask ``m = z > 0`` is not saved: every function recomputes it from ``x`` and the saved
+``mean``, ``invstd``, ``weight``, ``bias`` with :func:`_z`, the same formula the forward uses for ``y``
+(``z = a x + c``, ``a = γ invstd``, ``c = β - a mean``), so the two agree exactly. The mask is piecewise
+constant: it is computed from the values (no derivatives through it).
 """
 import torch
-
-from .bitmask import pack_mask, unpack_mask
 
 
 def _stat_dtype(x):
@@ -38,8 +41,25 @@ def _gamma(weight, x):
     return _channel(weight, x) if weight is not None else 1.0
 
 
-def _masked(g, mask, relu, x):
-    return g * unpack_mask(mask, x.shape) if relu else g
+def _z(x, mean, invstd, weight, bias):
+    """The forward output before the ReLU, ``z = a x + c`` per channel in the statistics' dtype, then in x's
+    dtype: ``a = γ invstd``, ``c = β - a mean`` (γ = weight or 1, β = bias or 0)."""
+    stat = _stat_dtype(x)
+    a = invstd if weight is None else weight.to(stat) * invstd
+    c = -a * mean if bias is None else bias.to(stat) - a * mean
+    return (x.to(stat) * _channel(a, x) + _channel(c, x)).to(x.dtype)
+
+
+def _mask(x, mean, invstd, weight, bias):
+    """The fused ReLU's mask ``z > 0`` (as 0 / 1 in x's dtype), from the values only."""
+    with torch.no_grad():
+        z = _z(x.detach(), mean.detach(), invstd.detach(), None if weight is None else weight.detach(),
+               None if bias is None else bias.detach())
+        return (z > 0).to(x.dtype)
+
+
+def _masked(g, relu, x, mean, invstd, weight, bias):
+    return g * _mask(x, mean, invstd, weight, bias) if relu else g
 
 
 def _mean(t, x):
@@ -47,7 +67,8 @@ def _mean(t, x):
 
 
 def bn_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, relu):
-    """``(y, mean, invstd, mask)``; running statistics updated in place when training."""
+    """``(y, mean, invstd)``, ``y = z`` or ``relu(z)`` (:func:`_z`); running statistics updated in place when
+    training."""
     xs = x.to(_stat_dtype(x))
     if training:
         mean = xs.mean(_dims(x))
@@ -61,21 +82,17 @@ def bn_fwd(x, weight, bias, running_mean, running_var, training, momentum, eps, 
     else:
         mean, var = running_mean.to(xs.dtype, copy=True), running_var.to(xs.dtype)
     invstd = (var + eps).rsqrt()
-    z = (xs - _channel(mean, x)) * _channel(invstd, x) * _gamma(weight, x)
-    if bias is not None:
-        z = z + _channel(bias, x)
-    z = z.to(x.dtype)
+    z = _z(x, mean, invstd, weight, bias)
     if relu:
-        positive = z > 0
-        return torch.where(positive, z, torch.zeros_like(z)), mean, invstd, pack_mask(positive)
-    return z, mean, invstd, torch.empty(0, dtype=torch.uint8, device=x.device)
+        return torch.where(z > 0, z, torch.zeros_like(z)), mean, invstd
+    return z, mean, invstd
 
 
-def bn_bwd(grad, x, mean, invstd, weight, mask, training, relu):
-    """VJP of ``bn`` for ``(x, weight, bias)``: ``(gx, gw, gb)``."""
+def bn_bwd(grad, x, mean, invstd, weight, bias, training, relu):
+    """VJP of ``bn`` for ``(x, weight, bias)``: ``(gx, gw, gb)``; ``bias`` is only read for the mask."""
+    g = _masked(grad, relu, x, mean, invstd, weight, bias)
     mu, r = _live_stats(x, mean, invstd, training)
     gamma = _gamma(weight, x)
-    g = _masked(grad, mask, relu, x)
     xh = (x - mu) * r
     gx = gamma * r * g
     if training:
@@ -83,11 +100,12 @@ def bn_bwd(grad, x, mean, invstd, weight, mask, training, relu):
     return gx, (g * xh).sum(_dims(x)), g.sum(_dims(x))
 
 
-def bn_dbwd(ggx, ggw, ggb, grad, x, mean, invstd, weight, mask, training, relu):
+def bn_dbwd(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training, relu):
     """VJP of :func:`bn_bwd` for ``(grad, x, weight)``: ``(ggrad, gx, gw)`` (absent inputs are zero)."""
+    m = _mask(x, mean, invstd, weight, bias) if relu else None
     mu, r = _live_stats(x, mean, invstd, training)
     gamma = _gamma(weight, x)
-    g = _masked(grad, mask, relu, x)
+    g = grad * m if relu else grad
     xh = (x - mu) * r
     u = ggx if ggx is not None else torch.zeros_like(x)
     p = _channel(ggw, x) if ggw is not None else 0.0
@@ -105,11 +123,11 @@ def bn_dbwd(ggx, ggw, ggb, grad, x, mean, invstd, weight, mask, training, relu):
         ggrad = gamma * r * u + p * xh + q
         gx = p * r * g
         gw = (r * count * _mean(u * g, x)).reshape(-1)
-    ggrad = _masked(ggrad, mask, relu, x)
+    ggrad = ggrad * m if relu else ggrad
     return ggrad, gx * torch.ones_like(x), gw
 
 
-def bn_jvp(tx, tw, tb, x, mean, invstd, weight, mask, training, relu):
+def bn_jvp(tx, tw, tb, x, mean, invstd, weight, bias, training, relu):
     """Forward-mode JVP of ``bn`` (with fused ReLU when ``relu``) for tangents ``(tx, tw, tb)``."""
     mu, r = _live_stats(x, mean, invstd, training)
     gamma = _gamma(weight, x)
@@ -121,4 +139,4 @@ def bn_jvp(tx, tw, tb, x, mean, invstd, weight, mask, training, relu):
         out = out + _channel(tw, x) * xh
     if tb is not None:
         out = out + _channel(tb, x)
-    return _masked(out, mask, relu, x)
+    return _masked(out, relu, x, mean, invstd, weight, bias)
