@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "../common/batch_norm.h"
@@ -23,8 +24,8 @@ using Affine = BnAffine<double>;
 
 // What one element loop reads and writes (compile-time flags). Inputs: u (ggx / tx), g (grad), x (as xh with
 // kX; as the forward's z = bn_z(x) with kY or kZ). kZ fuses the ReLU: the mask m = bn_relu_on(z) is recomputed
-// from x (csrc/KERNELS.md, "Fused ReLU"), g is read as g~ = g m and p is multiplied by m (without kZ, m = 1 and
-// g~ = g). Outputs: p = m (cu u + cx xh + c0), or with kY the forward's y = z (relu(z) with kZ);
+// from x (csrc/KERNELS.md, "Fused ReLU"), g is read as g~ = m ? g : 0 and p is 0 where m = 0 (without kZ, m = 1
+// and g~ = g). Outputs: p = m (cu u + cx xh + c0), or with kY the forward's y = z (relu(z) with kZ);
 // q = cu u + cg g~ + cx xh + c0. With kSum, every sum of BnSums whose operands are read is accumulated.
 enum : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128 };
 
@@ -82,16 +83,23 @@ template <unsigned F, typename T, typename A>
                                               A& sg, A& sgx, A& sug) {
   constexpr bool U = F & kU, G = F & kG, X = F & kX, P = F & kOutP, Q = F & kOutQ, Y = F & kY, Z = F & kZ,
                  Sum = F & kSum;
+  // The mask is applied as a selection (m ? v : 0) for float and double: gcc does not vectorise the bool -> float
+  // conversion of a 0 / 1 factor. For float16 / bfloat16 it is a product with m as 0 / 1 (the form these loops
+  // had with a stored mask): with the selection, gcc 13 computed wrong sums u g~ in the eval row loop of
+  // bfloat16 (tests/test_kernels_cpu.py::test_bn_half); to be looked at, half types are not vectorised anyway.
+  constexpr bool kSelect = std::is_same_v<T, A>;
   A uj = A(0), gj = A(0), xh = A(0), z = A(0), m = A(1);
   bool on = true;
   if constexpr (U) uj = static_cast<A>(a.u[j]);
   if constexpr (X || Y || Z) {
     const A xj = static_cast<A>(a.x[j]);
     if constexpr (X) xh = (xj - k.mean) * k.r;
-    if constexpr (Y || Z) z = bn_z(k.z, xj);
+    if constexpr (Y || Z) z = bn_z(BnZ<A>{k.z.a, k.z.c}, xj);
   }
-  if constexpr (Z) on = bn_relu_on<T>(z), m = on ? A(1) : A(0);
-  if constexpr (G) gj = Z ? static_cast<A>(a.g[j]) * m : static_cast<A>(a.g[j]);
+  if constexpr (Z) on = bn_relu_on<T>(z);
+  if constexpr (Z && !kSelect) m = on ? A(1) : A(0);
+  if constexpr (G) gj = !Z ? static_cast<A>(a.g[j]) : kSelect ? (on ? static_cast<A>(a.g[j]) : A(0))
+                                                               : static_cast<A>(a.g[j]) * m;
   if constexpr (Sum && U) su += uj;
   if constexpr (Sum && U && X) sux += uj * xh;
   if constexpr (Sum && G) sg += gj;
@@ -100,7 +108,7 @@ template <unsigned F, typename T, typename A>
   if constexpr (P && Y) a.p[j] = on ? static_cast<T>(z) : T(0);
   if constexpr (P && !Y) {
     const A v = affine<U, false, X>(k.p, uj, gj, xh);
-    a.p[j] = static_cast<T>(Z ? v * m : v);
+    a.p[j] = static_cast<T>(!Z ? v : kSelect ? (on ? v : A(0)) : v * m);
   }
   if constexpr (Q) a.q[j] = static_cast<T>(affine<U, G, X>(k.q, uj, gj, xh));
 }

@@ -51,15 +51,20 @@ def _z(x, mean, invstd, weight, bias):
 
 
 def _mask(x, mean, invstd, weight, bias):
-    """The fused ReLU's mask ``z > 0`` (as 0 / 1 in x's dtype), from the values only."""
+    """The fused ReLU's mask ``z > 0`` (boolean), from the values only."""
     with torch.no_grad():
         z = _z(x.detach(), mean.detach(), invstd.detach(), None if weight is None else weight.detach(),
                None if bias is None else bias.detach())
-        return (z > 0).to(x.dtype)
+        return z > 0
+
+
+def _select(g, m):
+    """``g`` where the mask is set, else 0 (a selection, like the kernels: 0 even where g is not finite)."""
+    return torch.where(m, g, torch.zeros_like(g))
 
 
 def _masked(g, relu, x, mean, invstd, weight, bias):
-    return g * _mask(x, mean, invstd, weight, bias) if relu else g
+    return _select(g, _mask(x, mean, invstd, weight, bias)) if relu else g
 
 
 def _mean(t, x):
@@ -105,7 +110,7 @@ def bn_dbwd(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training, relu):
     m = _mask(x, mean, invstd, weight, bias) if relu else None
     mu, r = _live_stats(x, mean, invstd, training)
     gamma = _gamma(weight, x)
-    g = grad * m if relu else grad
+    g = _select(grad, m) if relu else grad
     xh = (x - mu) * r
     u = ggx if ggx is not None else torch.zeros_like(x)
     p = _channel(ggw, x) if ggw is not None else 0.0
@@ -123,7 +128,7 @@ def bn_dbwd(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training, relu):
         ggrad = gamma * r * u + p * xh + q
         gx = p * r * g
         gw = (r * count * _mean(u * g, x)).reshape(-1)
-    ggrad = ggrad * m if relu else ggrad
+    ggrad = _select(ggrad, m) if relu else ggrad
     return ggrad, gx * torch.ones_like(x), gw
 
 
