@@ -1,0 +1,122 @@
+"""The ``fastjac`` command (also ``python -m fastjac``; ``torchrun --nproc_per_node=N -m fastjac run ...``).
+
+    fastjac list                                   the bundled experiment configs
+    fastjac run CONFIG [--data-root DIR] [--out DIR] [--set key=value ...] [--resume]
+    fastjac table RUN_DIR                          markdown table shaped like the paper's
+    fastjac plot RUN_DIR                           PNG curves
+    fastjac demo                                   E1 on scikit-learn digits (the main job)
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def resolve_config(name: str) -> str:
+    """A config path, or the name of a bundled config (with or without ``.yaml``)."""
+    if os.path.isfile(name):
+        return name
+    bundled = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
+    if os.path.isfile(bundled):
+        return bundled
+    raise FileNotFoundError(f"config {name!r} is neither a file nor a bundled config; see `fastjac list`")
+
+
+def _list(_args) -> int:
+    import yaml
+
+    for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))):
+        with open(path) as f:
+            desc = (yaml.safe_load(f) or {}).get("description", "")
+        print(f"{os.path.basename(path)[:-5]:<32} {desc.strip().splitlines()[0] if desc.strip() else ''}")
+    return 0
+
+
+def _init_distributed() -> None:
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _run(args) -> int:
+    from .training import config as config_io
+    from .training.runner import run_experiment
+
+    path = resolve_config(args.config)
+    cfg = config_io.load(path, args.set)
+    _init_distributed()
+    out = args.out or os.path.join("runs", os.path.basename(path)[:-5])
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    results = run_experiment(cfg, out, data_root=args.data_root, resume=args.resume,
+                             progress=not args.no_progress, device=args.device,
+                             log=print if rank == 0 else (lambda *_: None))
+    if rank == 0:
+        from .training.report import table
+
+        print(table(out))
+        print(f"results in {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0 if results else 1
+
+
+def _table(args) -> int:
+    from .training.report import table
+
+    print(table(args.run_dir))
+    return 0
+
+
+def _plot(args) -> int:
+    from .training.report import plot
+
+    print(plot(args.run_dir, args.output))
+    return 0
+
+
+def _demo(args) -> int:
+    from .training.demo import main
+
+    return main(out=args.out, quick=args.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastjac", description="Jacobian-based training experiments")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the bundled experiment configs").set_defaults(fn=_list)
+    p = sub.add_parser("run", help="train every run of a config")
+    p.add_argument("config")
+    p.add_argument("--data-root", default=None, help="folder holding the datasets (nothing is downloaded)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoints")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=_run)
+    p = sub.add_parser("table", help="markdown table of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_table)
+    p = sub.add_parser("plot", help="PNG curves of a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--output", default=None)
+    p.set_defaults(fn=_plot)
+    p = sub.add_parser("demo", help="E1 (Jacobian-matching distillation) on scikit-learn digits")
+    p.add_argument("--out", default=os.path.join("runs", "demo"))
+    p.add_argument("--quick", action="store_true", help="a reduced run (seconds) of the same code path")
+    p.set_defaults(fn=_demo)
+    args = parser.parse_args(argv)
+    from .training.checkpoint import CheckpointError
+
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError, CheckpointError, FloatingPointError) as exc:
+        print(f"fastjac {args.command}: error: {exc}", file=sys.stderr)
+        return 2

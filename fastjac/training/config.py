@@ -1,0 +1,266 @@
+"""Run configurations: typed dataclasses loaded from YAML and validated on load.
+
+Every error names the offending field by its dotted path (``optim.lr``, ``data.per_class``) and says what was
+expected. ``--set key=value`` overrides (values parsed as YAML) are applied before validation.
+
+A config describes one training run, or, with ``sweep``, a grid of runs (methods × samples per class ×
+seeds) that together fill one table of a paper: each run's config is the base config with the method's
+overrides applied (see :func:`expand`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"              # cifar10 | cifar100 | mit_indoor | digits
+    root: Optional[str] = None           # data root (overridden by --data-root)
+    per_class: Optional[int] = None      # few-samples-per-class subset of the training split (None: all)
+    subset_seed: int = 0                 # seed of the class-stratified subset draw
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    augment: bool = False                # random crop (zero padding crop_padding) + horizontal flip
+    crop_padding: int = 4
+    flip: bool = True
+    image_size: int = 32                 # digits are upsampled, MIT Indoor resized to this
+    channels: int = 3                    # digits: copies of the grey channel
+    test_fraction: float = 0.25          # digits: held-out fraction (class-stratified, fixed seed 0)
+    train_limit: Optional[int] = None    # keep only the first N training examples (smoke configs)
+    test_limit: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"                   # adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9                # sgd
+    nesterov: bool = False
+    weight_decay: float = 0.0            # on all parameters
+    bias_decay: float = 0.0              # extra L2 on bias parameters only (E5 baseline), added to the loss
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"               # constant | multistep (lr × gamma at each milestone epoch)
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class TeacherConfig:
+    model: dict = field(default_factory=dict)   # as RunConfig.model
+    checkpoint: Optional[str] = None            # a run directory or checkpoint file of a trained teacher
+    train: Optional[dict] = None                # or: overrides of this config to train the teacher first
+
+
+@dataclass
+class SweepConfig:
+    methods: dict = field(default_factory=dict)       # method name -> overrides (dotted keys) of the base
+    per_class: list = field(default_factory=list)     # values of data.per_class
+    seeds: list = field(default_factory=list)         # values of seed
+    paper: dict = field(default_factory=dict)         # method -> {per_class: published number}, for tables
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    epochs: int = 1
+    model: dict = field(default_factory=dict)         # fastjac.training.models.build_model fields
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: dict = field(default_factory=lambda: {"ce": 1.0})   # term name -> weight, plus term options
+    teacher: Optional[TeacherConfig] = None
+    eval: dict = field(default_factory=dict)          # evaluations after training (noise_stds, ...)
+    sweep: Optional[SweepConfig] = None
+    deterministic: bool = False                       # torch.use_deterministic_algorithms
+    accumulate: int = 1                               # micro-batches per step (emulates DDP ranks' BN)
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check(value: Any, tp, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(value, inner[0], path)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp in (list, dict) or origin in (list, dict):
+        base = origin or tp
+        if not isinstance(value, base):
+            raise ConfigError(f"{path}: expected a {_type_name(base)}, got {value!r}")
+        return copy.deepcopy(value)
+    return value
+
+
+def from_dict(cls, data: Any, path: str = "config"):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown fields and wrong types (errors name the path)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _check(v, hints[k], f"{path}.{k}" if path != "config" else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+_CHOICES = {
+    "data.dataset": ("cifar10", "cifar100", "mit_indoor", "digits"),
+    "optim.name": ("adam", "sgd"),
+    "schedule.name": ("constant", "multistep"),
+}
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Value checks beyond types."""
+    for dotted, allowed in _CHOICES.items():
+        value = get(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: must be one of {list(allowed)}, got {value!r}")
+    positive = {"epochs": cfg.epochs, "data.batch_size": cfg.data.batch_size,
+                "data.eval_batch_size": cfg.data.eval_batch_size, "optim.lr": cfg.optim.lr,
+                "accumulate": cfg.accumulate}
+    for dotted, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{dotted}: must be positive, got {value!r}")
+    if cfg.data.per_class is not None and cfg.data.per_class < 1:
+        raise ConfigError(f"data.per_class: must be a positive integer or null, got {cfg.data.per_class!r}")
+    if cfg.data.batch_size % cfg.accumulate:
+        raise ConfigError(f"accumulate: must divide data.batch_size ({cfg.data.batch_size}), got {cfg.accumulate}")
+    if sorted(cfg.schedule.milestones) != list(cfg.schedule.milestones) or not all(
+            isinstance(m, int) and m > 0 for m in cfg.schedule.milestones):
+        raise ConfigError(f"schedule.milestones: expected increasing positive epochs, got {cfg.schedule.milestones!r}")
+    if "arch" not in cfg.model:
+        raise ConfigError("model.arch: missing (e.g. vgg9, resnet18)")
+    for name, weight in cfg.loss.items():
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            continue
+        if not isinstance(weight, dict) or "weight" not in weight:
+            raise ConfigError(f"loss.{name}: expected a weight or a mapping with 'weight' and options, got {weight!r}")
+    return cfg
+
+
+def get(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for ``dotted = "a.b.c"``, creating mappings on the way."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {part!r} is not a mapping in this config")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["optim.lr=0.1", "loss.jacobian_norm=0.01"]`` -> pairs, values parsed as YAML."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set: expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def load(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a YAML config file, applying ``--set`` overrides first."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
+    return from_mapping(data, overrides)
+
+
+def from_mapping(data: dict, overrides: list[str] | None = None) -> RunConfig:
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(data, key, value)
+    return validate(from_dict(RunConfig, data))
+
+
+def expand(cfg: RunConfig) -> list[tuple[dict, RunConfig]]:
+    """The runs of a config: ``[(cell, run_config)]`` where ``cell`` = {method, per_class, seed}; a config
+    without ``sweep`` is one run."""
+    if cfg.sweep is None:
+        return [({"method": cfg.name, "per_class": cfg.data.per_class, "seed": cfg.seed}, cfg)]
+    base = cfg.to_dict()
+    base["sweep"] = None
+    methods = cfg.sweep.methods or {cfg.name: {}}
+    per_classes = cfg.sweep.per_class or [cfg.data.per_class]
+    seeds = cfg.sweep.seeds or [cfg.seed]
+    runs = []
+    for method, changes in methods.items():
+        if not isinstance(changes, dict):
+            raise ConfigError(f"sweep.methods.{method}: expected a mapping of dotted overrides, got {changes!r}")
+        for per_class in per_classes:
+            for seed in seeds:
+                data = copy.deepcopy(base)
+                for key, value in changes.items():
+                    if key == "loss":  # a method's loss replaces the base loss entirely
+                        data["loss"] = copy.deepcopy(value)
+                    else:
+                        set_dotted(data, key, copy.deepcopy(value))
+                data["data"]["per_class"] = per_class
+                data["seed"] = seed
+                data["name"] = f"{cfg.name}/{method}/pc{per_class if per_class is not None else 'all'}/seed{seed}"
+                try:
+                    run = validate(from_dict(RunConfig, data))
+                except ConfigError as exc:
+                    raise ConfigError(f"sweep.methods.{method}: {exc}") from exc
+                runs.append(({"method": method, "per_class": per_class, "seed": seed}, run))
+    return runs

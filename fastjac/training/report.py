@@ -1,0 +1,118 @@
+"""``fastjac table`` and ``fastjac plot``: a run directory's results as a paper-shaped table and curves."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+from collections import defaultdict
+
+import yaml
+
+
+def _results(run_dir: str) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "*", "pc*", "seed*", "result.json"))):
+        seed_dir = os.path.dirname(path)
+        pc_dir = os.path.dirname(seed_dir)
+        method_dir = os.path.dirname(pc_dir)
+        with open(path) as f:
+            result = json.load(f)
+        pc = os.path.basename(pc_dir)[2:]
+        rows.append({"method": os.path.basename(method_dir), "per_class": None if pc == "all" else int(pc),
+                     "seed": int(os.path.basename(seed_dir)[4:]), **result})
+    if not rows and os.path.isfile(os.path.join(run_dir, "result.json")):
+        with open(os.path.join(run_dir, "result.json")) as f:
+            rows.append({"method": "run", "per_class": None, "seed": 0, **json.load(f)})
+    return rows
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(run_dir: str) -> str:
+    """Markdown: one row per method, one column per samples-per-class value, test accuracy mean ± std over
+    seeds, the paper's number in brackets where the config gives it; noise-robustness columns (E2) when the
+    runs evaluated them."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
+    rows = _results(run_dir)
+    if not rows:
+        raise FileNotFoundError(f"no results (result.json) under {run_dir!r}; has the run finished?")
+    paper: dict = {}
+    exp_path = os.path.join(run_dir, "experiment.yaml")
+    name = os.path.basename(os.path.abspath(run_dir))
+    if os.path.isfile(exp_path):
+        with open(exp_path) as f:
+            exp = yaml.safe_load(f) or {}
+        name = exp.get("name", name)
+        paper = ((exp.get("sweep") or {}).get("paper") or {})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    per_classes = sorted({r["per_class"] for r in rows}, key=lambda v: (v is None, v or 0))
+    cells = defaultdict(list)
+    for r in rows:
+        if "test_acc" in r:
+            cells[(r["method"], r["per_class"])].append(r["test_acc"])
+    head = ["method"] + [("all" if pc is None else str(pc)) + " per class" for pc in per_classes]
+    lines = [f"### {name}: test accuracy (%), mean ± std over seeds [paper]", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        line = [m]
+        for pc in per_classes:
+            text = _fmt(cells[(m, pc)])
+            published = _paper_value(paper, m, pc)
+            line.append(f"{text} [{published}]" if published is not None else text)
+        lines.append("| " + " | ".join(line) + " |")
+    noise_keys = sorted({k for r in rows for k in r if k.startswith("noise_") and k.endswith("_acc_mean")},
+                        key=lambda k: float(k.split("_")[1]))
+    if noise_keys:
+        lines += ["", f"### {name}: accuracy (%) under Gaussian input noise (std of the noise)", "",
+                  "| method | " + " | ".join(k.split("_")[1] for k in noise_keys) + " |",
+                  "|" + "---|" * (len(noise_keys) + 1)]
+        for m in methods:
+            vals = [_fmt([r[k] for r in rows if r["method"] == m and k in r]) for k in noise_keys]
+            lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _paper_value(paper: dict, method: str, per_class):
+    entry = paper.get(method)
+    if entry is None:
+        entry = next((v for k, v in paper.items() if k.replace(" ", "") == method), None)
+    if isinstance(entry, dict):
+        return entry.get(per_class, entry.get(str(per_class)))
+    return entry
+
+
+def plot(run_dir: str, out_path: str | None = None) -> str:
+    """PNG of test accuracy and training loss against epoch for every run under ``run_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = sorted(glob.glob(os.path.join(run_dir, "**", "metrics.jsonl"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no metrics.jsonl under {run_dir!r}")
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for path in paths:
+        with open(path) as f:
+            hist = [json.loads(line) for line in f if line.strip()]
+        label = os.path.relpath(os.path.dirname(path), run_dir)
+        epochs = [h["epoch"] for h in hist]
+        ax_acc.plot(epochs, [h["test_acc"] for h in hist], label=label)
+        ax_loss.plot(epochs, [h.get("train_loss", float("nan")) for h in hist], label=label)
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    if len(paths) <= 12:
+        ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    out_path = out_path or os.path.join(run_dir, "curves.png")
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

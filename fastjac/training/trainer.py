@@ -1,0 +1,319 @@
+"""The trainer: one run of a :class:`~fastjac.training.config.RunConfig` into a run directory.
+
+Run directory contents: ``config.yaml`` (the resolved config), ``subset_indices.json`` (the training examples
+used), ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch: every loss term, accuracy, lr, time),
+``checkpoint.pt`` (written atomically after every epoch: model, optimiser, scheduler, epoch, RNG states,
+config, subset indices, metrics so far), ``model.pt`` (final weights) and ``result.json`` (final metrics).
+
+Exactness: data order and augmentation come from their own seeded generators, saved in the checkpoint
+with every other RNG state, so ``resume`` continues a killed run and ends bit-identical to an uninterrupted
+one. A non-finite loss term stops the run with a :class:`NonFiniteLossError` naming the term, epoch and step.
+
+Multi-process (``torchrun``): each global batch is split into ``world_size`` contiguous chunks, rank r trains
+on chunk r and DistributedDataParallel averages the gradients; ``accumulate: N`` does the same with N
+micro-batches in one process (identical BatchNorm batch statistics), which is how the two are compared.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from . import data as data_io
+from . import terms as loss_terms
+from .config import RunConfig
+from .models import build_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite."""
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
+    """Per-epoch schedule: constant, or lr × gamma at each milestone epoch (Adam with one annealing step is
+    ``multistep`` with one milestone)."""
+    milestones = cfg.schedule.milestones if cfg.schedule.name == "multistep" else []
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.schedule.gamma)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
+    """The teacher model in eval mode with its weights from ``teacher.checkpoint`` (a run dir or a file)."""
+    if cfg.teacher is None:
+        return None
+    spec = dict(cfg.teacher.model or cfg.model)
+    path = cfg.teacher.checkpoint
+    if path is None:
+        raise ValueError("teacher.checkpoint: the path of a trained teacher (run directory or .pt file) is required")
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    spec["weights"] = path
+    teacher = build_model(spec).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+class Trainer:
+    """Train ``cfg`` into ``run_dir``; :meth:`run` returns the final metrics."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str, data_root: str | None = None, device: str = "cpu",
+                 progress: bool = True):
+        self.cfg, self.run_dir, self.device = cfg, run_dir, torch.device(device)
+        self.data_root = data_root if data_root is not None else cfg.data.root
+        self.progress = progress
+        self.rank, self.world = _distributed()
+        self.terms = loss_terms.parse(cfg.loss)
+        self.ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+
+    # --- setup -----------------------------------------------------------------------------------------------
+    def _load_data(self):
+        d = self.cfg.data
+        kwargs: dict[str, Any] = {}
+        if d.dataset == "digits":
+            kwargs = dict(image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction)
+        elif d.dataset == "mit_indoor":
+            kwargs = dict(image_size=d.image_size)
+        train = data_io.load_dataset(d.dataset, "train", self.data_root, **kwargs)
+        test = data_io.load_dataset(d.dataset, "test", self.data_root, **kwargs)
+        if d.train_limit:
+            train = train.subset(range(min(d.train_limit, len(train))))
+        if d.test_limit:
+            test = test.subset(range(min(d.test_limit, len(test))))
+        indices = data_io.stratified_subset(train.labels, d.per_class, d.subset_seed)
+        self.subset_indices = indices
+        train = train.subset(indices)
+        self.train_x, self.train_y = train.float_images(), train.labels
+        self.test_x = data_io.normalize(test.float_images(), d.dataset)
+        self.test_y = test.labels
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed, cfg.deterministic)
+        self._load_data()
+        self.model = build_model(cfg.model).to(self.device)
+        self.teacher = load_teacher(cfg, self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.generators = {
+            "order": torch.Generator().manual_seed(cfg.seed * 1000003 + 1),
+            "augment": torch.Generator().manual_seed(cfg.seed * 1000003 + 2),
+        }
+        self.ddp = self.model
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+        self.history: list[dict] = []
+        self.start_epoch = 0
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    def _save(self, epoch: int) -> None:
+        if self.rank != 0:
+            return
+        state = {
+            "format": ckpt_io.FORMAT, "config": self.cfg.to_dict(), "epoch": epoch,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": ckpt_io.rng_state(self.generators),
+            "subset_indices": self.subset_indices, "history": self.history,
+        }
+        ckpt_io.save_atomic(state, self.ckpt_path)
+
+    def _restore(self) -> None:
+        state = ckpt_io.load(self.ckpt_path)
+        diff = ckpt_io.config_differences(state["config"], self.cfg.to_dict())
+        if diff:
+            raise ckpt_io.CheckpointError(
+                f"checkpoint {self.ckpt_path!r} was written by a different config (fields {diff}); "
+                "resume with the same config or use another --out directory")
+        if not torch.equal(state["subset_indices"], self.subset_indices):
+            raise ckpt_io.CheckpointError(f"checkpoint {self.ckpt_path!r}: training subset differs from this run's")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt_io.set_rng_state(state["rng"], self.generators)
+        self.history = state["history"]
+        self.start_epoch = state["epoch"] + 1
+
+    # --- training --------------------------------------------------------------------------------------------
+    def _batches(self):
+        n, bs = len(self.train_y), self.cfg.data.batch_size
+        order = torch.randperm(n, generator=self.generators["order"])
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            if len(idx) < 2 * self.world * self.cfg.accumulate:  # BatchNorm needs 2 values per chunk
+                continue
+            yield idx
+
+    def _prepare(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.cfg.data
+        x = self.train_x[idx]
+        if d.augment:
+            x = data_io.augment(x, self.generators["augment"], d.crop_padding, d.flip)
+        return data_io.normalize(x, d.dataset).to(self.device), self.train_y[idx].to(self.device)
+
+    def _chunks(self, x, y):
+        """This rank's micro-batches of a global batch: world × accumulate contiguous chunks."""
+        parts = self.world * self.cfg.accumulate
+        xs, ys = torch.tensor_split(x, parts), torch.tensor_split(y, parts)
+        mine = range(self.rank * self.cfg.accumulate, (self.rank + 1) * self.cfg.accumulate)
+        return [(xs[i], ys[i]) for i in mine]
+
+    def _step(self, idx, epoch: int, step: int) -> dict[str, float]:
+        x, y = self._prepare(idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        logged: dict[str, float] = {}
+        needs_grad = loss_terms.needs(self.terms, "needs_input_grad")
+        chunks = self._chunks(x, y)
+        for i, (xc, yc) in enumerate(chunks):
+            ctx = loss_terms.StepContext(self.ddp, self.teacher, xc, yc, needs_grad)
+            total = 0.0
+            for name, weight, options in self.terms:
+                if weight == 0:
+                    continue
+                value = loss_terms.TERMS[name].fn(ctx, **options)
+                if not torch.isfinite(value).all():
+                    raise NonFiniteLossError(
+                        f"loss term {name!r} is {value.item()} at epoch {epoch}, step {step} (run {self.cfg.name!r})")
+                total = total + weight * value
+                logged[name] = logged.get(name, 0.0) + value.item() / len(chunks)
+            if self.cfg.optim.bias_decay:
+                decay = sum(p.pow(2).sum() for n_, p in self.model.named_parameters() if n_.endswith("bias"))
+                total = total + self.cfg.optim.bias_decay * decay
+            if isinstance(self.ddp, nn.parallel.DistributedDataParallel) and i < len(chunks) - 1:
+                with self.ddp.no_sync():
+                    (total / len(chunks)).backward()
+            else:
+                (total / len(chunks)).backward()
+            logged["loss"] = logged.get("loss", 0.0) + float(total.detach()) / len(chunks)
+        self.optimizer.step()
+        return logged
+
+    @torch.no_grad()
+    def evaluate(self, noise_std: float = 0.0, generator: torch.Generator | None = None) -> dict[str, float]:
+        """Test accuracy (%) and cross-entropy, optionally with Gaussian noise added to the normalised images."""
+        self.model.eval()
+        correct, loss, bs = 0, 0.0, self.cfg.data.eval_batch_size
+        for start in range(0, len(self.test_y), bs):
+            x = self.test_x[start:start + bs]
+            if noise_std:
+                x = x + noise_std * torch.randn(x.shape, generator=generator)
+            y = self.test_y[start:start + bs].to(self.device)
+            out = self.model(x.to(self.device))
+            correct += int((out.argmax(1) == y).sum())
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+        self.model.train()
+        n = max(len(self.test_y), 1)
+        return {"test_acc": 100.0 * correct / n, "test_loss": loss / n}
+
+    def _write_metrics(self) -> None:
+        if self.rank != 0:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:
+            for row in self.history:
+                f.write(json.dumps(row) + "\n")
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        with open(os.path.join(self.run_dir, "metrics.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    def _write_static(self) -> None:
+        if self.rank != 0:
+            return
+        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
+        with open(os.path.join(self.run_dir, "subset_indices.json"), "w") as f:
+            json.dump({"per_class": self.cfg.data.per_class, "subset_seed": self.cfg.data.subset_seed,
+                       "indices": self.subset_indices.tolist()}, f)
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        os.makedirs(self.run_dir, exist_ok=True)
+        result_path = os.path.join(self.run_dir, "result.json")
+        self.setup()
+        if os.path.exists(self.ckpt_path):
+            if not resume:
+                raise ckpt_io.CheckpointError(
+                    f"run directory {self.run_dir!r} already holds a checkpoint; pass --resume to continue it or "
+                    "choose another --out")
+            self._restore()
+        self._write_static()
+        self.model.train()
+        epochs = range(self.start_epoch, self.cfg.epochs)
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=self.cfg.epochs, initial=self.start_epoch, desc=self.cfg.name, leave=False)
+        for epoch in epochs:
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            steps = 0
+            for step, idx in enumerate(self._batches()):
+                for k, v in self._step(idx, epoch, step).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+            row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": steps}
+            row.update({f"train_{k}": v / max(steps, 1) for k, v in sums.items()})
+            self.scheduler.step()
+            row.update(self.evaluate())
+            row["seconds"] = time.perf_counter() - t0
+            self.history.append(row)
+            self._write_metrics()
+            self._save(epoch)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(acc=f"{row['test_acc']:.1f}", loss=f"{row.get('train_loss', math.nan):.3f}")
+        if bar is not None:
+            bar.close()
+        result = {"name": self.cfg.name, "epochs": self.cfg.epochs, **(self.history[-1] if self.history else {})}
+        result.update(self._final_evaluations())
+        if self.rank == 0:
+            ckpt_io.save_atomic(self.model.state_dict(), os.path.join(self.run_dir, "model.pt"))
+            with open(result_path, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+
+    def _final_evaluations(self) -> dict[str, Any]:
+        """Evaluations of ``cfg.eval``: ``noise_stds`` (accuracy under Gaussian noise, E2) with ``noise_repeats``."""
+        out: dict[str, Any] = {}
+        stds = self.cfg.eval.get("noise_stds")
+        if stds:
+            repeats = int(self.cfg.eval.get("noise_repeats", 5))
+            g = torch.Generator().manual_seed(12345)
+            for std in stds:
+                accs = [self.evaluate(float(std), g)["test_acc"] for _ in range(repeats if std else 1)]
+                out[f"noise_{std}_acc_mean"] = float(np.mean(accs))
+                out[f"noise_{std}_acc_std"] = float(np.std(accs))
+        return out
