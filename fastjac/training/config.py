@@ -29,7 +29,7 @@ class DataConfig:
     dataset: str = "digits"              # cifar10 | cifar100 | mit_indoor | digits
     root: Optional[str] = None           # data root (overridden by --data-root)
     per_class: Optional[int] = None      # few-samples-per-class subset of the training split (None: all)
-    subset_seed: int = 0                 # seed of the class-stratified subset draw
+    subset_seed: Optional[int] = None    # seed of the class-stratified subset draw (None: the run's seed)
     batch_size: int = 128
     eval_batch_size: int = 500
     augment: bool = False                # random crop (zero padding crop_padding) + horizontal flip
@@ -49,7 +49,6 @@ class OptimConfig:
     momentum: float = 0.9                # sgd
     nesterov: bool = False
     weight_decay: float = 0.0            # on all parameters
-    bias_decay: float = 0.0              # extra L2 on bias parameters only (E5 baseline), added to the loss
 
 
 @dataclass

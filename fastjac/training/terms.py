@@ -30,6 +30,20 @@ class StepContext:
             self._logits = self.model(self.x)
 
     @property
+    def module(self) -> nn.Module:
+        """The student itself (unwrapped from DistributedDataParallel)."""
+        return getattr(self.model, "module", self.model)
+
+    def layer(self, name: str, who: str = "student") -> nn.Module:
+        """The student's (or teacher's) submodule ``name``; a clear error lists valid names."""
+        model = self.module if who == "student" else self.teacher
+        modules = dict(model.named_modules())
+        if name not in modules:
+            some = [n for n in modules if n][:12]
+            raise ValueError(f"{who} layer {name!r} not found; some valid names: {some}")
+        return modules[name]
+
+    @property
     def logits(self) -> torch.Tensor:
         """The student's output (the target head of a two-head model)."""
         if self._logits is None:
@@ -71,9 +85,24 @@ def _activation_matching(ctx: StepContext) -> torch.Tensor:
     return (ctx.matched_logits - ctx.teacher_logits).pow(2).sum(1).mean()
 
 
+def _bias_decay(ctx: StepContext, layers: list[str] | None = None) -> torch.Tensor:
+    """L2 of the bias parameters of ``layers`` (all biases when None): the bias weight-decay baseline of E5."""
+    if layers is None:
+        params = [p for n, p in ctx.module.named_parameters() if n.endswith("bias")]
+    else:
+        params = []
+        for name in layers:
+            bias = getattr(ctx.layer(name), "bias", None)
+            if bias is None:
+                raise ValueError(f"loss.bias_decay: layer {name!r} has no bias")
+            params.append(bias)
+    return sum(p.pow(2).sum() for p in params)
+
+
 TERMS: dict[str, Term] = {
     "ce": Term(_ce),
     "activation_matching": Term(_activation_matching, needs_teacher=True),
+    "bias_decay": Term(_bias_decay, options=("layers",)),
 }
 
 

@@ -71,14 +71,19 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def load_teacher(cfg: RunConfig, device: torch.device) -> nn.Module | None:
-    """The teacher model in eval mode with its weights from ``teacher.checkpoint`` (a run dir or a file)."""
+def load_teacher(cfg: RunConfig, device: torch.device, data_root: str | None = None) -> nn.Module | None:
+    """The teacher model in eval mode with its weights from ``teacher.checkpoint`` (a run dir or a file;
+    ``{data_root}`` in the path is replaced by the data root)."""
     if cfg.teacher is None:
         return None
     spec = dict(cfg.teacher.model or cfg.model)
     path = cfg.teacher.checkpoint
     if path is None:
         raise ValueError("teacher.checkpoint: the path of a trained teacher (run directory or .pt file) is required")
+    if "{data_root}" in path:
+        if data_root is None:
+            raise ValueError(f"teacher.checkpoint {path!r} refers to {{data_root}}: pass --data-root")
+        path = path.replace("{data_root}", data_root)
     if os.path.isdir(path):
         path = os.path.join(path, "model.pt")
     spec["weights"] = path
@@ -114,7 +119,8 @@ class Trainer:
             train = train.subset(range(min(d.train_limit, len(train))))
         if d.test_limit:
             test = test.subset(range(min(d.test_limit, len(test))))
-        indices = data_io.stratified_subset(train.labels, d.per_class, d.subset_seed)
+        subset_seed = self.cfg.seed if d.subset_seed is None else d.subset_seed
+        indices = data_io.stratified_subset(train.labels, d.per_class, subset_seed)
         self.subset_indices = indices
         train = train.subset(indices)
         self.train_x, self.train_y = train.float_images(), train.labels
@@ -126,7 +132,7 @@ class Trainer:
         seed_everything(cfg.seed, cfg.deterministic)
         self._load_data()
         self.model = build_model(cfg.model).to(self.device)
-        self.teacher = load_teacher(cfg, self.device)
+        self.teacher = load_teacher(cfg, self.device, self.data_root)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.generators = {
@@ -209,9 +215,6 @@ class Trainer:
                         f"loss term {name!r} is {value.item()} at epoch {epoch}, step {step} (run {self.cfg.name!r})")
                 total = total + weight * value
                 logged[name] = logged.get(name, 0.0) + value.item() / len(chunks)
-            if self.cfg.optim.bias_decay:
-                decay = sum(p.pow(2).sum() for n_, p in self.model.named_parameters() if n_.endswith("bias"))
-                total = total + self.cfg.optim.bias_decay * decay
             if isinstance(self.ddp, nn.parallel.DistributedDataParallel) and i < len(chunks) - 1:
                 with self.ddp.no_sync():
                     (total / len(chunks)).backward()
@@ -256,7 +259,8 @@ class Trainer:
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
         with open(os.path.join(self.run_dir, "subset_indices.json"), "w") as f:
-            json.dump({"per_class": self.cfg.data.per_class, "subset_seed": self.cfg.data.subset_seed,
+            subset_seed = self.cfg.seed if self.cfg.data.subset_seed is None else self.cfg.data.subset_seed
+            json.dump({"per_class": self.cfg.data.per_class, "subset_seed": subset_seed,
                        "indices": self.subset_indices.tolist()}, f)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
