@@ -62,20 +62,13 @@ class BatchNormStats:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.modules = [m for m in model.modules() if uses_batch_stats(m)]
+        self.names = {m: name for name, m in model.named_modules() if uses_batch_stats(m)}
+        self.modules = list(self.names)
         self.stats: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in self.modules}
 
     def __bool__(self) -> bool:
         """True when the model has at least one BatchNorm normalising with batch statistics."""
         return bool(self.modules)
-
-    def _check_recorded(self) -> None:
-        missing = [name for name, m in self.model.named_modules() if m in self.stats and not self.stats[m]]
-        if missing:
-            raise RuntimeError(
-                "fastjac.BatchNormStats.frozen: no statistics were recorded for BatchNorm layer(s) "
-                f"{missing[:5]}; run the clean forward pass inside record_batch_norm_stats(model) first"
-            )
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
@@ -83,18 +76,23 @@ class BatchNormStats:
 
         Each BatchNorm call uses the recorded statistics of the same call index (the counters restart
         at every entry, so enter once per extra pass). The modules' running statistics and
-        ``num_batches_tracked`` are left untouched. Calls beyond those recorded raise an error.
+        ``num_batches_tracked`` are left untouched. A call beyond those recorded (or of a layer the clean
+        pass did not reach) raises an error.
         """
-        self._check_recorded()
         calls = {m: 0 for m in self.modules}
         saved: dict[nn.Module, tuple] = {}
 
         def before(module, args):
             index = calls[module]
             recorded = self.stats[module]
+            if not recorded:
+                raise RuntimeError(
+                    f"fastjac.BatchNormStats.frozen: no statistics were recorded for BatchNorm layer {self.names[module]!r}; "
+                    "run the clean forward pass (through this layer) inside record_batch_norm_stats(model) first"
+                )
             if index >= len(recorded):
                 raise RuntimeError(
-                    f"fastjac.BatchNormStats.frozen: BatchNorm {type(module).__name__} called {index + 1} times "
+                    f"fastjac.BatchNormStats.frozen: BatchNorm {self.names[module]!r} called {index + 1} times "
                     f"in a frozen pass but only {len(recorded)} call(s) were recorded in the clean pass"
                 )
             calls[module] = index + 1

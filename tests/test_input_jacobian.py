@@ -153,11 +153,12 @@ def test_directional_estimators_along_given_probes(act, training, convert, mode)
     assert jvp.kind == fd.kind == "directional"
 
 
+@pytest.mark.parametrize("convert", [False, True], ids=["plain", "converted"])
 @pytest.mark.parametrize("estimator", ["jvp", "finite_difference"])
-def test_directional_estimators_are_differentiable_for_training(estimator):
+def test_directional_estimators_are_differentiable_for_training(estimator, convert):
     """Parameter gradients through the jvp (reverse over forward) and finite-difference passes equal those of
-    the same quantity built from exact rows."""
-    net = make("softplus", False, False)
+    the same quantity built from exact rows (training-mode BatchNorm, frozen statistics)."""
+    net = make("softplus", True, convert)
     x, y = inputs(6)
     z = torch.randn(N, 3, 2, 4, 4, dtype=D)
     est = fastjac.input_jacobian(net, x, y, estimator=estimator, samples=3, probes=z, sigma=1e-4).jacobian
@@ -286,7 +287,7 @@ def test_record_and_frozen_context_manager():
         with fastjac.record_batch_norm_stats(net) as unused:
             pass
         with unused.frozen():
-            pass
+            net(x)
 
 
 def test_eval_mode_batch_norm_needs_no_record():
