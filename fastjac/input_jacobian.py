@@ -108,13 +108,19 @@ class _Runner:
     the model has batch-statistics BatchNorms, run under :meth:`BatchNormStats.frozen`.
     """
 
-    def __init__(self, model: Callable, output: str, temperature: float, stats: Optional[BatchNormStats], device):
+    def __init__(self, model: Callable, output: str, temperature: float, stats: Optional[BatchNormStats], device,
+                 detach_parameters: bool):
         self.model, self.output, self.temperature, self.stats = model, output, temperature, stats
+        self.call = model
+        if detach_parameters and isinstance(model, nn.Module):
+            # Teacher calls: the parameters enter as detached constants, so no graph node ever leads to them.
+            params = {name: p.detach() for name, p in model.named_parameters()}
+            self.call = lambda x: torch.func.functional_call(model, params, (x,))
         self.devices = [device] if device.type == "cuda" else []
         self.rng = None
 
     def outputs(self, x: Tensor) -> Tensor:
-        out = self.model(x)
+        out = self.call(x)
         if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"fastjac.input_jacobian: the model must return an N x K tensor for N = {x.shape[0]} inputs, got {got}")
@@ -247,8 +253,9 @@ def input_jacobian(
 
     ``create_graph=True``: ``jacobian`` (and ``outputs``) are differentiable with respect to the model's
     parameters (and ``x`` if it requires grad), for training losses. ``create_graph=False`` (teachers):
-    detached results; only gradients with respect to the input are computed (``torch.autograd.grad``, no
-    parameter ``.grad`` is touched) and no graph is kept after the call.
+    detached results; the parameters enter every pass as detached constants
+    (``torch.func.functional_call``), so no graph reaches them and no parameter ``.grad`` is touched; the
+    only graph ("exact") runs from the input and is freed by the call.
 
     BatchNorm layers that normalise with batch statistics (training mode): the clean pass (``outputs``)
     is an ordinary forward that updates the running statistics exactly once. With ``batch_norm="frozen"``
@@ -299,7 +306,7 @@ def input_jacobian(
             "passes, which must use batch_norm='frozen' when the model has BatchNorm layers using batch statistics"
         )
     record = stats is None and has_batch_stats and batch_norm == "frozen"
-    runner = _Runner(model, output, float(temperature), stats, x.device)
+    runner = _Runner(model, output, float(temperature), stats, x.device, detach_parameters=not create_graph)
     grad_mode = torch.enable_grad() if create_graph else torch.no_grad()
 
     n = x.shape[0]

@@ -233,15 +233,41 @@ def test_teacher_call_needs_no_graph_and_touches_no_parameter_gradient():
     assert xg.grad is None
 
 
+def reaches_parameters(tensor, params):
+    """Whether the autograd graph of ``tensor`` has an AccumulateGrad node for one of ``params``."""
+    ids, seen, stack = {id(p) for p in params}, set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in ids:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_teacher_graph_never_reaches_the_parameters(create_graph):
+    net = make("softplus", True, True)
+    seen = []
+    net[-1].register_forward_hook(lambda module, args, out: seen.append(out))
+    x, y = inputs(13)
+    fastjac.input_jacobian(net, x, y, create_graph=create_graph)
+    assert len(seen) == 2  # the clean pass and the frozen pass differentiated by "exact"
+    assert reaches_parameters(seen[-1], list(net.parameters())) == create_graph
+
+
+@pytest.mark.parametrize("create_graph", [True, False], ids=["student", "teacher"])
 @pytest.mark.parametrize("convert", [False, True], ids=["plain", "converted"])
 @pytest.mark.parametrize("estimator", ["exact", "jvp", "finite_difference"])
-def test_training_mode_batch_norm_updates_running_stats_once(estimator, convert):
+def test_training_mode_batch_norm_updates_running_stats_once(estimator, convert, create_graph):
     net = make("relu", True, convert)
     ref = copy.deepcopy(net)
     x, y = inputs(10)
     with torch.no_grad():
         ref(x)  # one ordinary training-mode forward
-    fastjac.input_jacobian(net, x, y, estimator=estimator, samples=3)
+    fastjac.input_jacobian(net, x, y, estimator=estimator, samples=3, create_graph=create_graph)
     for (name, got), want in zip(net.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(got, want, msg=name)
     assert all(m.training for m in net.modules())
