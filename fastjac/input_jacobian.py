@@ -295,9 +295,11 @@ def input_jacobian(
     if batch_norm_stats is not None and not isinstance(batch_norm_stats, BatchNormStats):
         raise TypeError("fastjac.input_jacobian: batch_norm_stats must come from fastjac.record_batch_norm_stats")
 
-    is_module = isinstance(model, nn.Module)
     stats = batch_norm_stats
-    has_batch_stats = is_module and bool(BatchNormStats(model)) if stats is None else bool(stats)
+    if stats is not None:
+        has_batch_stats = bool(stats)
+    else:
+        has_batch_stats = isinstance(model, nn.Module) and bool(BatchNormStats(model))
     if batch_norm == "live" and stats is not None:
         raise ValueError("fastjac.input_jacobian: batch_norm='live' cannot be combined with batch_norm_stats")
     if batch_norm == "live" and estimator != "exact" and has_batch_stats:
