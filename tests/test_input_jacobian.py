@@ -151,6 +151,10 @@ def test_directional_estimators_along_given_probes(act, training, convert, mode)
     fd = fastjac.input_jacobian(net, x, mode=mode, estimator="finite_difference", samples=s, probes=z, sigma=1e-4, **kwargs)
     torch.testing.assert_close(fd.jacobian, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert jvp.kind == fd.kind == "directional"
+    for estimator, reference in (("jvp", jvp.jacobian), ("finite_difference", fd.jacobian)):
+        batched = fastjac.input_jacobian(net, x, mode=mode, estimator=estimator, samples=s, probes=z, sigma=1e-4,
+                                         vectorize=True, **kwargs)
+        torch.testing.assert_close(batched.jacobian, reference)
 
 
 @pytest.mark.parametrize("convert", [False, True], ids=["plain", "converted"])
@@ -260,14 +264,15 @@ def test_teacher_graph_never_reaches_the_parameters(create_graph):
 
 @pytest.mark.parametrize("create_graph", [True, False], ids=["student", "teacher"])
 @pytest.mark.parametrize("convert", [False, True], ids=["plain", "converted"])
-@pytest.mark.parametrize("estimator", ["exact", "jvp", "finite_difference"])
-def test_training_mode_batch_norm_updates_running_stats_once(estimator, convert, create_graph):
+@pytest.mark.parametrize("estimator,vectorize", [("exact", False), ("jvp", False), ("jvp", True),
+                                                 ("finite_difference", False), ("finite_difference", True)])
+def test_training_mode_batch_norm_updates_running_stats_once(estimator, vectorize, convert, create_graph):
     net = make("relu", True, convert)
     ref = copy.deepcopy(net)
     x, y = inputs(10)
     with torch.no_grad():
         ref(x)  # one ordinary training-mode forward
-    fastjac.input_jacobian(net, x, y, estimator=estimator, samples=3, create_graph=create_graph)
+    fastjac.input_jacobian(net, x, y, estimator=estimator, samples=3, create_graph=create_graph, vectorize=vectorize)
     for (name, got), want in zip(net.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(got, want, msg=name)
     assert all(m.training for m in net.modules())
@@ -338,6 +343,7 @@ def test_bad_arguments_raise_named_errors():
         (dict(probes=torch.zeros(N, 2, 2, 4, 4, dtype=D), estimator="jvp"), "probes must have shape"),
         (dict(probes=torch.zeros(N, 1, 2, 4, 4, dtype=D)), "probes .input-space. are only used"),
         (dict(output_probes=torch.zeros(N, 1, K, dtype=D)), "output_probes are only used"),
+        (dict(vectorize=True), "vectorize=True is only used"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
