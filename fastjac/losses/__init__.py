@@ -1,0 +1,22 @@
+"""Jacobian-based training losses (seed 000): activation and Jacobian matching (Prop. 1, Eq. 2, Eq. 10),
+Jacobian-norm penalties (Prop. 2, Eq. 3), intermediate features by layer name, attention maps and attention
+matching (Eq. 8-9), attention-Jacobian matching (§5.2.1, Table 5).
+
+Reduction convention (every loss): the per-sample sum over all non-batch dimensions, then the batch mean
+(``reduction="mean"``, default), ``"sum"`` or ``"none"`` (N values).
+"""
+from .attention import PooledAttention, attention_jacobian_matching, attention_map, attention_matching, pool_attention
+from .features import LayerNotFoundError, StopForward, capture_features, get_layer
+from .matching import (
+    activation_matching,
+    jacobian_matching,
+    jacobian_norm,
+    jacobian_norm_penalty,
+    soft_cross_entropy,
+)
+
+__all__ = [
+    "LayerNotFoundError", "PooledAttention", "StopForward",
+    "activation_matching", "attention_jacobian_matching", "attention_map", "attention_matching", "capture_features",
+    "get_layer", "jacobian_matching", "jacobian_norm", "jacobian_norm_penalty", "pool_attention", "soft_cross_entropy",
+]
