@@ -245,7 +245,9 @@ def _check_target(target, output: Tensor) -> Tensor:
     if not isinstance(target, Tensor) or target.dtype not in (torch.int32, torch.int64, torch.uint8):
         raise TypeError("full_jacobian: target must be None, an int, or an integer tensor of shape (N,)")
     if target.shape != (n,):
-        raise ValueError(f"full_jacobian: target must have shape ({n},) (one class per sample), got {tuple(target.shape)}")
+        raise ValueError(
+            f"full_jacobian: target must have shape ({n},) (one class per sample), got {tuple(target.shape)}"
+        )
     if n and (target.min() < 0 or target.max() >= k):
         raise ValueError(f"full_jacobian: target classes must lie in [0, {k}), got {target.tolist()}")
     return target.to(device=output.device, dtype=torch.long)

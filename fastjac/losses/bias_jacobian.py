@@ -26,12 +26,14 @@ def _layers_of(jacobians: BiasJacobians, who: str) -> Mapping[str, Tensor]:
         return jacobians.bias_jacobians
     if isinstance(jacobians, Mapping):
         return jacobians
-    raise TypeError(f"{who} must be a FullJacobian or a mapping layer name -> bias-Jacobian, got {type(jacobians).__name__}")
+    raise TypeError(
+        f"{who} must be a FullJacobian or a mapping layer name -> bias-Jacobian, got {type(jacobians).__name__}"
+    )
 
 
 def _get(layers: Mapping[str, Tensor], name: str, who: str) -> Tensor:
     if name not in layers:
-        raise KeyError(
+        raise ValueError(
             f"{who} layer {name!r} has no bias-Jacobian; decomposed layers: {list(layers)} "
             "(pass it in full_jacobian(..., layers=...) and check it has a bias)"
         )
@@ -131,7 +133,9 @@ def bias_jacobian_matching(
     total = None
     for pair in pairs:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise ValueError(f"bias_jacobian_matching: each layer pair must be (student_layer, teacher_layer), got {pair!r}")
+            raise ValueError(
+                f"bias_jacobian_matching: each layer pair must be (student_layer, teacher_layer), got {pair!r}"
+            )
         s_name, t_name = pair
         where = f"bias_jacobian_matching pair ({s_name!r}, {t_name!r})"
         s_map = bias_jacobian_map(_get(s_layers, s_name, "student"), f"student layer {s_name!r}")
