@@ -30,6 +30,36 @@ def tiny_vgg(activation=nn.ReLU) -> nn.Sequential:
     ))
 
 
+def vgg(config, classes=10, batch_norm=True) -> nn.Sequential:
+    """VGG-k of EXPERIMENTS.md: 3x3 conv (+ BN) + ReLU blocks, ``"M"`` = 2x2 max-pool, then GAP and a linear layer.
+
+    Without BatchNorm the convs carry biases and are followed directly by an in-place ReLU (torchvision style).
+    """
+    layers, cin = [], 3
+    for item in config:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        layers.append(nn.Conv2d(cin, item, 3, padding=1, bias=not batch_norm))
+        layers += [nn.BatchNorm2d(item), nn.ReLU()] if batch_norm else [nn.ReLU(inplace=True)]
+        cin = item
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return randomize(nn.Sequential(*layers))
+
+
+VGG9 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+def tiny_plain_cnn() -> nn.Sequential:
+    """No BatchNorm: conv(bias) -> in-place ReLU twice, then linear."""
+    with torch.no_grad():
+        model = vgg([4, "M", 5], classes=3, batch_norm=False)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.bias.normal_(0, 0.5)
+    return model
+
+
 class _Block(nn.Module):
     """Basic residual block with in-place ``out += identity`` and in-place ReLUs (like torchvision's)."""
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import fastjac
 from _bias_jacobian_models import (
-    effective_bias, randomize, scaled_channel_bias, target_outputs, tiny_resnet, tiny_vgg,
+    VGG9, effective_bias, randomize, scaled_channel_bias, target_outputs, tiny_plain_cnn, tiny_resnet, tiny_vgg, vgg,
 )
 
 # Completeness in float64: each term is a sum of O(100) products of O(1) numbers, so rounding stays far
@@ -50,6 +50,25 @@ def test_complete_for_relu_networks_in_eval_mode_plain_and_converted(make, backe
     _assert_same_decomposition(plain, converted, rtol=1e-10, atol=1e-12)
     fused = {n for n, t in converted.layer_types.items() if t == "batch_norm_relu"}
     assert fused and all(plain.layer_types[n] == "batch_norm" for n in fused)
+
+
+def test_complete_for_a_network_without_batch_norm():
+    model = tiny_plain_cnn()
+    result = fastjac.full_jacobian(model, _x(), torch.tensor([0, 1, 2]))
+    _assert_complete(result)
+    assert set(result.layer_types.values()) == {"conv", "linear"}
+
+
+@pytest.mark.parametrize("make", [lambda: vgg(VGG9), lambda: __import__("torchvision").models.resnet18(num_classes=10)],
+                         ids=["vgg9", "resnet18"])
+def test_complete_to_1e_4_in_float32(make):
+    """Issue 3's acceptance bound: completeness to 1e-4 relative in float32, plain and converted."""
+    pytest.importorskip("torchvision")
+    model = randomize(make()).float().eval()
+    x = torch.randn(2, 3, 32, 32)
+    for m in (model, _converted(model)):
+        result = fastjac.full_jacobian(m, x, create_graph=False)
+        assert result.relative_residual().max().item() < 1e-4, result.summary()
 
 
 @pytest.mark.parametrize("depth", [18, 34])
@@ -115,7 +134,7 @@ def _perturb_output(module, direction, t):
     return module.register_forward_hook(lambda m, a, out: out + t * bias.reshape(shape) * direction)
 
 
-@pytest.mark.parametrize("make", [tiny_vgg, tiny_resnet], ids=["vgg", "resnet"])
+@pytest.mark.parametrize("make", [tiny_vgg, tiny_resnet, tiny_plain_cnn], ids=["vgg", "resnet", "no-bn"])
 def test_bias_jacobian_per_position_equals_directional_derivative(make):
     """⟨f^b, u⟩ = d/dt f(z + t b ⊙ u) for a random direction u over the layer's output positions."""
     model = make().eval()
@@ -217,6 +236,16 @@ def test_batch_norm_training_mode_uses_batch_statistics_and_reports_residual(bac
                                    rtol=1e-10, atol=1e-12)
 
 
+def test_batch_norm_without_running_statistics_uses_batch_statistics_in_eval_mode():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(144, 2)).double()
+    x = _x()
+    train = fastjac.full_jacobian(model.train(), x, 0)
+    evaluated = fastjac.full_jacobian(model.eval(), x, 0)
+    _assert_same_decomposition(train, evaluated, rtol=1e-12, atol=1e-14)
+    assert train.residual().abs().max().item() > 1e-6
+
+
 def test_in_place_op_on_a_view_output_is_decomposed_correctly():
     class ViewLinear(nn.Linear):
         def forward(self, x):
@@ -265,6 +294,11 @@ def test_target_forms_and_graph():
     detached = fastjac.full_jacobian(model, x, create_graph=False)
     assert not detached.input_jacobian.requires_grad
     assert not any(b.requires_grad for b in detached.bias_jacobians.values())
+    # A frozen teacher under no_grad: same values.
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        frozen = fastjac.full_jacobian(teacher, x, create_graph=False)
+    _assert_same_decomposition(frozen, detached, rtol=0, atol=0)
 
 
 def test_layer_subset_and_named_errors():
