@@ -32,7 +32,7 @@ __all__ = ["FullJacobian", "full_jacobian"]
 _FUSED_BN_RELU = (fnn.BatchNormReLU1d, fnn.BatchNormReLU2d, fnn.BatchNormReLU3d)
 
 
-@dataclass
+@dataclass(eq=False)
 class FullJacobian:
     """Result of :func:`full_jacobian`: the terms of ``f(x) = ∇ₓf·x + Σ_l Σ f^b_l`` for each sample.
 

@@ -116,7 +116,8 @@ def bias_jacobian_matching(
     ``ψ`` = unit-normalise(resize(channel sum)): each layer's bias-Jacobian is summed over channels
     (:func:`bias_jacobian_map`), the two maps of a pair are resized (bilinear / linear / trilinear,
     ``align_corners=False``) to ``size`` (default: the larger of the two, per dimension), and each sample's map
-    is scaled to unit L2 norm (an all-zero map stays 0, with finite gradient).
+    is scaled to unit L2 norm (an all-zero map stays 0, with finite gradient). The thesis resizes before the
+    channel sum; both are linear per channel, so summing first gives the same maps at lower cost.
 
     Args:
         student, teacher: :class:`fastjac.FullJacobian` results (or mappings layer name -> bias-Jacobian) for
