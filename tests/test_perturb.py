@@ -228,3 +228,38 @@ def test_bad_arguments_raise_named_errors():
         perturb(torch.ones(3, dtype=torch.int64), 0.1, seed=1)
     with pytest.raises(ValueError, match="distribution"):
         noise_dot(x, seed=1, distribution="normal")
+
+
+def _cuda_kernels_built():
+    return torch.cuda.is_available() and fastjac.backends()["cpu"] and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastjac::perturb_fwd", "CUDA"
+    )
+
+
+@pytest.mark.skipif(not _cuda_kernels_built(), reason="needs a GPU and the CUDA perturbation kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("distribution", [0, 1], ids=["gaussian", "rademacher"])
+@pytest.mark.parametrize("seed,offset,numel", STREAMS)
+def test_cuda_kernels_match_reference(seed, offset, numel, distribution, dtype):
+    k = torch.ops.fastjac
+    like = torch.empty(numel, device="cuda")
+    assert torch.equal(k.philox_words(like, seed, offset).cpu(), ref.philox_words(like.cpu(), seed, offset))
+    rows = 7 if numel % 7 == 0 else 1
+    x = torch.randn(rows, numel // rows, dtype=torch.float64).to(dtype)
+    sigma = torch.linspace(0.5, 2.0, rows, dtype=torch.float64)
+    got = k.perturb_fwd(x.cuda(), sigma.cuda(), seed, offset, distribution).cpu()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, ref.perturb_fwd(x, sigma, seed, offset, distribution), rtol=8 * eps, atol=64 * eps)
+    got = k.noise_row_dot(x.cuda(), seed, offset, distribution).cpu()
+    want = ref.noise_row_dot(x, seed, offset, distribution)
+    eps = torch.finfo(want.dtype).eps
+    torch.testing.assert_close(got, want, rtol=0, atol=64 * eps * math.sqrt(x[0].numel()) * 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_reference_runs_on_cuda_tensors():
+    x = torch.randn(5, 301, dtype=torch.float64)
+    with fastjac.use_backend("reference"):
+        assert torch.equal(philox_words(x.cuda(), seed=4, offset=9).cpu(), ref.philox_words(x, 4, 9))
+        got = perturb(x.cuda(), torch.rand(5, dtype=torch.float64).cuda() * 0 + 0.5, seed=4, offset=9).cpu()
+    torch.testing.assert_close(got, ref.perturb_fwd(x, torch.tensor(0.5), 4, 9, 0), rtol=1e-14, atol=1e-14)
