@@ -21,6 +21,10 @@ TORCH_LIBRARY(fastjac, m) {
   m.def(
       "bn_jvp(Tensor? tx, Tensor? tw, Tensor? tb, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor? bias, bool training, bool relu) -> Tensor");
+  // Perturbations (csrc/common/philox.h): counter-based noise regenerated from (seed, offset), never stored.
+  m.def("philox_words(Tensor like, int seed, int offset) -> Tensor");
+  m.def("perturb_fwd(Tensor x, Tensor sigma, int seed, int offset, int distribution) -> Tensor");
+  m.def("noise_row_dot(Tensor g, int seed, int offset, int distribution) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -4,7 +4,7 @@ Fused second-order differentiable ops (:mod:`fastjac.ops`), drop-in modules (:mo
 :func:`convert` to swap them into an existing model. :func:`backends` tells which kernels can run.
 :func:`input_jacobian` (exact / forward-mode / finite-difference input-Jacobians), :func:`full_jacobian`
 (input- and bias-Jacobian decomposition) and :mod:`fastjac.losses` (Jacobian matching, Jacobian-norm, attention,
-attention-Jacobian and bias-Jacobian losses) implement the seed papers' losses; :func:`record_batch_norm_stats`
+attention-Jacobian, bias-Jacobian and score-matching losses) and :func:`hessian_trace` implement the seed papers' losses; :func:`record_batch_norm_stats`
 fixes BatchNorm statistics for extra forward passes.
 """
 from . import losses, nn, ops
@@ -12,11 +12,12 @@ from ._backend import backends, current_backend, set_backend, use_backend
 from ._convert import convert
 from .batch_norm_stats import BatchNormStats, record_batch_norm_stats, uses_batch_stats
 from .full_jacobian import FullJacobian, full_jacobian
+from .hessian_trace import hessian_trace
 from .input_jacobian import InputJacobian, input_jacobian
 
 __all__ = [
     "BatchNormStats", "FullJacobian", "InputJacobian", "backends", "convert", "current_backend", "full_jacobian",
-    "input_jacobian", "losses", "nn", "ops", "record_batch_norm_stats", "set_backend", "use_backend",
-    "uses_batch_stats",
+    "hessian_trace", "input_jacobian", "losses", "nn", "ops", "record_batch_norm_stats", "set_backend",
+    "use_backend", "uses_batch_stats",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,11 @@ def register() -> None:
         "bn_bwd": lambda grad, x, mean, invstd, w, b, training, relu: (_like(x), _stat(x), _stat(x)),
         "bn_dbwd": lambda ggx, ggw, ggb, grad, x, mean, invstd, w, b, training, relu: (_like(x), _like(x), _stat(x)),
         "bn_jvp": lambda tx, tw, tb, x, mean, invstd, w, b, training, relu: _like(x),
+        "philox_words": lambda like, seed, offset: like.new_empty(like.shape, dtype=torch.int64),
+        "perturb_fwd": lambda x, sigma, seed, offset, distribution: _like(x),
+        "noise_row_dot": lambda g, seed, offset, distribution: g.new_empty(
+            (1 if g.dim() == 0 else g.shape[0],), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32
+        ),
     }
     for name, fake in fakes.items():
         torch.library.register_fake(f"fastjac::{name}", fake)
