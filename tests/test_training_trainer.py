@@ -9,6 +9,7 @@ import torch
 
 from fastjac.training import checkpoint as ckpt_io
 from fastjac.training import config, terms
+from fastjac.training.models import build_model
 from fastjac.training.trainer import NonFiniteLossError, Trainer
 
 BASE = {
@@ -145,11 +146,11 @@ def _cli(*args, env=None, cwd=None):
 
 def test_cli_run_table_plot(tmp_path):
     out = str(tmp_path / "out")
-    r = _cli("run", "smoke_ce_digits", "--out", out, "--no-progress", "--set", "epochs=1")
+    r = _cli("run", "smoke_digits", "--out", out, "--no-progress", "--set", "epochs=1")
     assert r.returncode == 0, r.stderr
-    assert "| smoke_ce_digits |" in r.stdout
+    assert "| CE + A + J |" in r.stdout
     r = _cli("table", out)
-    assert r.returncode == 0 and "5 per class" in r.stdout
+    assert r.returncode == 0 and "5 per class" in r.stdout and "| CE + A |" in r.stdout
     r = _cli("plot", out)
     assert r.returncode == 0 and os.path.isfile(r.stdout.strip())
     r = _cli("run", "no_such_config")
@@ -158,17 +159,25 @@ def test_cli_run_table_plot(tmp_path):
 
 def test_ddp_matches_single_process_accumulation(tmp_path):
     """2 gloo processes, each half of every global batch, against one process with accumulate=2 (the same
-    BatchNorm batch statistics): equal parameters up to float reduction order."""
-    common = ["--no-progress", "--set", "epochs=1", "--set", "data.augment=false", "--set", "optim.name=sgd",
-              "--set", "optim.lr=0.05"]
-    single = _cli("run", "smoke_ce_digits", "--out", str(tmp_path / "single"), "--set", "accumulate=2", *common)
+    BatchNorm batch statistics), with a double-backward loss (Jacobian norm): equal parameters up to float
+    reduction order."""
+    common = ["--no-progress", "--set", "sweep=null", "--set", "teacher=null", "--set", "epochs=1",
+              "--set", "data.per_class=10", "--set", "optim.name=sgd", "--set", "optim.lr=0.05",
+              "--set", "loss={ce: 1.0, jacobian_norm: {weight: 0.1, form: cross_entropy}}"]
+    single = _cli("run", "smoke_digits", "--out", str(tmp_path / "single"), "--set", "accumulate=2", *common,
+                  env={"OMP_NUM_THREADS": "1"})
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          "-m", "fastjac", "run", "smoke_ce_digits", "--out", str(tmp_path / "ddp"), *common],
+                          "-m", "fastjac", "run", "smoke_digits", "--out", str(tmp_path / "ddp"), *common],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a = torch.load(tmp_path / "single/smoke_ce_digits/pc5/seed0/model.pt", weights_only=True)
-    b = torch.load(tmp_path / "ddp/smoke_ce_digits/pc5/seed0/model.pt", weights_only=True)
+    a = torch.load(tmp_path / "single/smoke_digits/pc10/seed0/model.pt", weights_only=True)
+    b = torch.load(tmp_path / "ddp/smoke_digits/pc10/seed0/model.pt", weights_only=True)
+    torch.manual_seed(0)  # the runs' seed: their initial parameters
+    before = build_model({"arch": "vgg4", "num_classes": 10, "in_channels": 1}).state_dict()
+    moved = 0
     for k in a:
         if a[k].is_floating_point() and "running" not in k:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+            moved += not torch.allclose(a[k], before[k])
+    assert moved > 0

@@ -88,6 +88,7 @@ class RunConfig:
     sweep: Optional[SweepConfig] = None
     deterministic: bool = False                       # torch.use_deterministic_algorithms
     accumulate: int = 1                               # micro-batches per step (emulates DDP ranks' BN)
+    eval_every: int = 1                               # test evaluation every N epochs (and after the last)
     description: str = ""
 
     def to_dict(self) -> dict:
@@ -160,7 +161,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{dotted}: must be one of {list(allowed)}, got {value!r}")
     positive = {"epochs": cfg.epochs, "data.batch_size": cfg.data.batch_size,
                 "data.eval_batch_size": cfg.data.eval_batch_size, "optim.lr": cfg.optim.lr,
-                "accumulate": cfg.accumulate}
+                "accumulate": cfg.accumulate, "eval_every": cfg.eval_every}
     for dotted, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{dotted}: must be positive, got {value!r}")
@@ -213,8 +214,13 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load(path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a YAML config file, applying ``--set`` overrides first."""
+def read(path: str, _seen: tuple = ()) -> dict:
+    """The mapping of a YAML config file, with ``base:`` resolved.
+
+    A config may derive from another: ``base: NAME`` (a file next to this one, ``.yaml`` optional) plus
+    ``overrides: {dotted.key: value, ...}``; its other top-level fields replace the base's. Smoke and digits
+    variants are written this way, so they run exactly the code path of the full config.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     with open(path) as f:
@@ -222,7 +228,29 @@ def load(path: str, overrides: list[str] | None = None) -> RunConfig:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
-    return from_mapping(data, overrides)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    overrides = data.pop("overrides", None) or {}
+    if base is None:
+        if overrides:
+            raise ConfigError(f"{path}: 'overrides' needs a 'base' config")
+        return data
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base if base.endswith(".yaml") else base + ".yaml")
+    if base_path in _seen:
+        raise ConfigError(f"{path}: circular 'base' chain through {base_path}")
+    merged = read(base_path, _seen + (base_path,))
+    merged.update(data)
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: 'overrides' must map dotted keys to values")
+    for key, value in overrides.items():
+        set_dotted(merged, key, copy.deepcopy(value))
+    return merged
+
+
+def load(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a YAML config file (``base`` resolved), applying ``--set`` overrides first."""
+    return from_mapping(read(path), overrides)
 
 
 def from_mapping(data: dict, overrides: list[str] | None = None) -> RunConfig:

@@ -79,16 +79,20 @@ class TwoHeadVGG(VGG):
     """VGG with two linear heads on the same pre-final layer (seed 000 §5.2, E3): ``classifier`` (the target
     task, e.g. 67 scenes) and ``aux_classifier`` (e.g. the 1000 ImageNet classes matched to a teacher).
 
-    ``forward`` returns the target head; :meth:`both` returns ``(target, aux)`` from one pass, and
-    :meth:`head` a module computing only the auxiliary head (for Jacobians of that head)."""
+    ``forward(x)`` returns the target head and ``forward(x, both=True)`` (also :meth:`both`) ``(target, aux)``
+    from one pass (through DistributedDataParallel too); :meth:`head` is a module computing only one head
+    (for Jacobians of that head)."""
 
     def __init__(self, config: list, num_classes: int, aux_classes: int, **kwargs: Any):
         super().__init__(config, num_classes, **kwargs)
         self.aux_classifier = nn.Linear(self.width, aux_classes)
 
-    def both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, both: bool = False):
         z = self.embed(x)
-        return self.classifier(z), self.aux_classifier(z)
+        return (self.classifier(z), self.aux_classifier(z)) if both else self.classifier(z)
+
+    def both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(x, both=True)
 
     def head(self, name: str) -> nn.Module:
         """A module sharing this model's parameters whose output is head ``name`` (``"target"`` or ``"aux"``)."""

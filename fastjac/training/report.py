@@ -18,9 +18,15 @@ def _results(run_dir: str) -> list[dict]:
         method_dir = os.path.dirname(pc_dir)
         with open(path) as f:
             result = json.load(f)
-        pc = os.path.basename(pc_dir)[2:]
-        rows.append({"method": os.path.basename(method_dir), "per_class": None if pc == "all" else int(pc),
-                     "seed": int(os.path.basename(seed_dir)[4:]), **result})
+        cell_path = os.path.join(seed_dir, "cell.json")
+        if os.path.isfile(cell_path):
+            with open(cell_path) as f:
+                cell = json.load(f)
+        else:
+            pc = os.path.basename(pc_dir)[2:]
+            cell = {"method": os.path.basename(method_dir), "per_class": None if pc == "all" else int(pc),
+                    "seed": int(os.path.basename(seed_dir)[4:])}
+        rows.append({**result, **cell})
     if not rows and os.path.isfile(os.path.join(run_dir, "result.json")):
         with open(os.path.join(run_dir, "result.json")) as f:
             rows.append({"method": "run", "per_class": None, "seed": 0, **json.load(f)})
@@ -82,8 +88,6 @@ def table(run_dir: str) -> str:
 
 def _paper_value(paper: dict, method: str, per_class):
     entry = paper.get(method)
-    if entry is None:
-        entry = next((v for k, v in paper.items() if k.replace(" ", "") == method), None)
     if isinstance(entry, dict):
         return entry.get(per_class, entry.get(str(per_class)))
     return entry
@@ -105,7 +109,8 @@ def plot(run_dir: str, out_path: str | None = None) -> str:
             hist = [json.loads(line) for line in f if line.strip()]
         label = os.path.relpath(os.path.dirname(path), run_dir)
         epochs = [h["epoch"] for h in hist]
-        ax_acc.plot(epochs, [h["test_acc"] for h in hist], label=label)
+        evaluated = [h for h in hist if "test_acc" in h]
+        ax_acc.plot([h["epoch"] for h in evaluated], [h["test_acc"] for h in evaluated], marker=".", label=label)
         ax_loss.plot(epochs, [h.get("train_loss", float("nan")) for h in hist], label=label)
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)")
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")

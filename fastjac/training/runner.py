@@ -19,8 +19,10 @@ from .trainer import Trainer
 
 
 def cell_dir(out: str, cell: dict) -> str:
+    """``OUT/<method>/pc<k>/seed<s>``; the method name is made a safe folder name (``cell.json`` keeps it)."""
     pc = cell["per_class"] if cell["per_class"] is not None else "all"
-    return os.path.join(out, str(cell["method"]).replace("/", "_").replace(" ", ""), f"pc{pc}", f"seed{cell['seed']}")
+    safe = "".join(ch if ch.isalnum() or ch in "+-=.,()" else "_" for ch in str(cell["method"]).replace(" ", ""))
+    return os.path.join(out, safe, f"pc{pc}", f"seed{cell['seed']}")
 
 
 def _teacher_config(cfg: RunConfig) -> RunConfig:
@@ -42,20 +44,35 @@ def _teacher_config(cfg: RunConfig) -> RunConfig:
         raise config_io.ConfigError(f"teacher.train: {exc}") from exc
 
 
+def trains_teacher(cfg: RunConfig) -> bool:
+    return cfg.teacher is not None and cfg.teacher.train is not None and cfg.teacher.checkpoint is None
+
+
+def with_teacher(cfg: RunConfig, out: str) -> RunConfig:
+    """``cfg`` with ``teacher.checkpoint`` pointing at the teacher that ``run_experiment`` trains in ``out``."""
+    if not trains_teacher(cfg):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.teacher.checkpoint = os.path.join(out, "teacher")
+    return cfg
+
+
 def run_experiment(cfg: RunConfig, out: str, data_root: str | None = None, resume: bool = False,
                    progress: bool = True, device: str = "cpu", log=print) -> list[dict[str, Any]]:
     """Train every run of ``cfg`` (teacher first if ``teacher.train``); returns one result per cell."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "experiment.yaml"), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    if cfg.teacher is not None and cfg.teacher.train is not None and cfg.teacher.checkpoint is None:
-        teacher_dir = os.path.join(out, "teacher")
-        _run_one(_teacher_config(cfg), teacher_dir, data_root, resume, progress, device, log)
-        cfg = copy.deepcopy(cfg)
-        cfg.teacher.checkpoint = teacher_dir
+    if trains_teacher(cfg):
+        _run_one(_teacher_config(cfg), os.path.join(out, "teacher"), data_root, resume, progress, device, log)
+    cfg = with_teacher(cfg, out)
     results = []
     for cell, run_cfg in config_io.expand(cfg):
-        result = _run_one(run_cfg, cell_dir(out, cell), data_root, resume, progress, device, log)
+        run_dir = cell_dir(out, cell)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "cell.json"), "w") as f:  # the method's real name, for tables
+            json.dump(cell, f)
+        result = _run_one(run_cfg, run_dir, data_root, resume, progress, device, log)
         results.append({**cell, **result})
     return results
 

@@ -1,11 +1,13 @@
 """Named loss terms of the trainer: the loss is ``Σ weight_k · term_k``, every term logged separately.
 
 A config's ``loss`` maps term names to a weight, or to a mapping ``{weight: w, <option>: value, ...}``. Each
-term is a function of a :class:`StepContext`, which computes the student's (and teacher's) outputs once per
-micro-batch and shares them between terms.
+term is a function of a :class:`StepContext`, which runs the student (and teacher) once per micro-batch and
+shares the outputs, captured features and input-gradients between terms. The Jacobian terms live in
+:mod:`fastjac.training.jacobian_terms` and register themselves here.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -13,21 +15,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batch_norm_stats import record_batch_norm_stats
+from ..losses import capture_features, get_layer
+
+
+@dataclass
+class Term:
+    """A loss term: ``fn(ctx, **options)``; what it needs from the step (teacher, input gradient, features of
+    the layers named by its ``*_layer(s)`` options, BatchNorm statistics for extra passes)."""
+
+    fn: Callable[..., torch.Tensor]
+    needs_teacher: bool = False
+    needs_input_grad: bool = False
+    options: tuple[str, ...] = ()
+    extra_passes: bool = False
+
 
 class StepContext:
-    """The inputs of one micro-batch and lazily computed, shared model outputs."""
+    """One micro-batch: inputs, labels and lazily computed, shared model outputs.
 
-    def __init__(self, model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor,
-                 needs_input_grad: bool):
+    The student's clean forward runs once (through DDP when wrapped), capturing the features of
+    ``student_layers`` and, when a term runs extra forward passes, the BatchNorm batch statistics
+    (:func:`fastjac.record_batch_norm_stats`), so that extra passes use the clean batch's statistics and
+    update no running statistics. The teacher runs in eval mode without a graph.
+    """
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, *,
+                 needs_input_grad: bool = False, student_layers=(), teacher_layers=(), record_stats: bool = False):
         self.model, self.teacher, self.y = model, teacher, y
         self.x = x.requires_grad_(True) if needs_input_grad else x
-        self._logits = self._aux = self._teacher = None
-
-    def _run(self):
-        if hasattr(self.model, "both"):
-            self._logits, self._aux = self.model.both(self.x)
-        else:
-            self._logits = self.model(self.x)
+        self.student_layers, self.teacher_layers = tuple(student_layers), tuple(teacher_layers)
+        self.record_stats = record_stats
+        self._logits = self._aux = self._teacher = self.bn_stats = None
+        self.features: dict[str, torch.Tensor] = {}
+        self.teacher_features: dict[str, torch.Tensor] = {}
+        self._grads: dict[Any, torch.Tensor] = {}
 
     @property
     def module(self) -> nn.Module:
@@ -36,12 +58,24 @@ class StepContext:
 
     def layer(self, name: str, who: str = "student") -> nn.Module:
         """The student's (or teacher's) submodule ``name``; a clear error lists valid names."""
-        model = self.module if who == "student" else self.teacher
-        modules = dict(model.named_modules())
-        if name not in modules:
-            some = [n for n in modules if n][:12]
-            raise ValueError(f"{who} layer {name!r} not found; some valid names: {some}")
-        return modules[name]
+        return get_layer(self.module if who == "student" else self.teacher_model(), name, caller=f"{who} layer")
+
+    def teacher_model(self) -> nn.Module:
+        if self.teacher is None:
+            raise ValueError("this loss term needs a teacher: set `teacher` in the config")
+        return self.teacher
+
+    def _run(self) -> None:
+        with contextlib.ExitStack() as stack:
+            if self.student_layers:
+                self.features = stack.enter_context(capture_features(self.module, self.student_layers))
+            if self.record_stats:
+                self.bn_stats = stack.enter_context(record_batch_norm_stats(self.module))
+            if hasattr(self.module, "both"):
+                self._logits, self._aux = self.model(self.x, both=True)
+            else:
+                self._logits = self.model(self.x)
+        self.features = dict(self.features)
 
     @property
     def logits(self) -> torch.Tensor:
@@ -52,27 +86,71 @@ class StepContext:
 
     @property
     def matched_logits(self) -> torch.Tensor:
-        """The student output that is matched to the teacher: the auxiliary head of a two-head model (E3),
-        else the only output."""
+        """The student output matched to the teacher: the auxiliary head of a two-head model (E3), else the
+        only output."""
         self.logits  # noqa: B018 - runs the model once
         return self._aux if self._aux is not None else self._logits
 
     @property
     def teacher_logits(self) -> torch.Tensor:
-        if self.teacher is None:
-            raise ValueError("this loss term needs a teacher: set `teacher` in the config")
         if self._teacher is None:
-            with torch.no_grad():
-                self._teacher = self.teacher(self.x.detach())
+            teacher = self.teacher_model()
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                if self.teacher_layers:
+                    feats = stack.enter_context(capture_features(teacher, self.teacher_layers))
+                self._teacher = teacher(self.x.detach())
+                if self.teacher_layers:
+                    self.teacher_features = dict(feats)
         return self._teacher
 
+    def classes(self, which: str) -> torch.Tensor:
+        """Per-sample classes: ``"label"`` (the ground truth, 000 §4.1) or ``"top"`` (the teacher's top class,
+        label-free; the student's own when there is no teacher)."""
+        if which == "label":
+            return self.y
+        if which == "top":
+            out = self.teacher_logits if self.teacher is not None else self.matched_logits
+            return out.detach().argmax(1)
+        raise ValueError(f"class selection must be 'label' or 'top', got {which!r}")
 
-@dataclass
-class Term:
-    fn: Callable[..., torch.Tensor]
-    needs_teacher: bool = False
-    needs_input_grad: bool = False
-    options: tuple[str, ...] = ()
+    def differentiable_pass(self, batch_norm: str = "frozen"):
+        """``(x, logits, matched_logits)`` of a pass whose outputs can be differentiated w.r.t. ``x``.
+
+        ``batch_norm="frozen"`` (default): when the student has BatchNorm layers normalising with batch
+        statistics, an extra pass of the per-sample function with the clean batch's statistics as constants
+        (:mod:`fastjac.batch_norm_stats`), so that row n of a gradient of ``Σ_n out[n, c_n]`` is sample n's own
+        input-Jacobian row (the quantity of seed 000's Propositions); without such layers it is the clean
+        pass itself. ``"live"``: always the clean pass; with batch statistics the gradient then also flows
+        through them and mixes samples (what plain double backprop of a training-mode network computes;
+        one pass cheaper)."""
+        if batch_norm not in ("frozen", "live"):
+            raise ValueError(f"batch_norm must be 'frozen' or 'live', got {batch_norm!r}")
+        self.logits  # noqa: B018 - the clean pass (records the statistics)
+        if batch_norm == "live" or not self.bn_stats:
+            return self.x, self._logits, self.matched_logits
+        if "frozen" not in self._grads:
+            xf = self.x.detach().requires_grad_(True)
+            with self.bn_stats.frozen():
+                if hasattr(self.module, "both"):
+                    logits, aux = self.module(xf, both=True)
+                else:
+                    logits = aux = self.module(xf)
+            self._grads["frozen"] = (xf, logits, aux)
+        return self._grads["frozen"]
+
+    def input_grad(self, output: str, which: str, batch_norm: str = "frozen") -> torch.Tensor:
+        """``∇ₓ Σ_n out[n, c_n]`` with ``create_graph=True`` (``output``: ``"matched"`` logits, ``"logits"`` of
+        the target head, or ``"log_softmax"`` of the target head; ``which``: :meth:`classes`) on the pass of
+        :meth:`differentiable_pass`; cached."""
+        key = (output, which, batch_norm)
+        if key not in self._grads:
+            x, logits, matched = self.differentiable_pass(batch_norm)
+            out = matched if output == "matched" else logits
+            if output == "log_softmax":
+                out = F.log_softmax(out, dim=1)
+            c = self.classes(which)
+            (self._grads[key],) = torch.autograd.grad(out.gather(1, c[:, None]).sum(), x, create_graph=True)
+        return self._grads[key]
 
 
 def _ce(ctx: StepContext) -> torch.Tensor:
@@ -113,6 +191,8 @@ def register(name: str, term: Term) -> None:
 
 def parse(loss_cfg: dict[str, Any]) -> list[tuple[str, float, dict]]:
     """``[(name, weight, options)]`` of a config's ``loss`` mapping; unknown names or options are errors."""
+    from . import jacobian_terms  # noqa: F401 - registers the Jacobian terms
+
     out = []
     for name, spec in loss_cfg.items():
         if name not in TERMS:
@@ -131,5 +211,16 @@ def parse(loss_cfg: dict[str, Any]) -> list[tuple[str, float, dict]]:
     return out
 
 
-def needs(terms: list[tuple[str, float, dict]], what: str) -> bool:
-    return any(getattr(TERMS[name], what) for name, weight, _ in terms if weight != 0)
+def context(model, teacher, x, y, terms: list[tuple[str, float, dict]]) -> StepContext:
+    """The :class:`StepContext` of a micro-batch with what the active ``terms`` need."""
+    active = [(TERMS[n], o) for n, w, o in terms if w != 0]
+    student_layers, teacher_layers = set(), set()
+    for _, options in active:
+        if "student_layer" in options:
+            student_layers.add(options["student_layer"])
+        if "teacher_layer" in options:
+            teacher_layers.add(options["teacher_layer"])
+    return StepContext(model, teacher, x, y, needs_input_grad=any(t.needs_input_grad for t, _ in active),
+                       student_layers=sorted(student_layers), teacher_layers=sorted(teacher_layers),
+                       record_stats=any(t.extra_passes or (t.needs_input_grad and o.get("batch_norm", "frozen") == "frozen")
+                                        for t, o in active))

@@ -201,10 +201,9 @@ class Trainer:
         x, y = self._prepare(idx)
         self.optimizer.zero_grad(set_to_none=True)
         logged: dict[str, float] = {}
-        needs_grad = loss_terms.needs(self.terms, "needs_input_grad")
         chunks = self._chunks(x, y)
         for i, (xc, yc) in enumerate(chunks):
-            ctx = loss_terms.StepContext(self.ddp, self.teacher, xc, yc, needs_grad)
+            ctx = loss_terms.context(self.ddp, self.teacher, xc, yc, self.terms)
             total = 0.0
             for name, weight, options in self.terms:
                 if weight == 0:
@@ -288,20 +287,24 @@ class Trainer:
                 for k, v in self._step(idx, epoch, step).items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1
-            row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": steps}
+            train_seconds = time.perf_counter() - t0
+            row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": steps,
+                   "train_seconds": train_seconds}
             row.update({f"train_{k}": v / max(steps, 1) for k, v in sums.items()})
             self.scheduler.step()
-            row.update(self.evaluate())
+            if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
+                row.update(self.evaluate())
             row["seconds"] = time.perf_counter() - t0
             self.history.append(row)
             self._write_metrics()
             self._save(epoch)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(acc=f"{row['test_acc']:.1f}", loss=f"{row.get('train_loss', math.nan):.3f}")
+                bar.set_postfix(acc=f"{row.get('test_acc', math.nan):.1f}", loss=f"{row.get('train_loss', math.nan):.3f}")
         if bar is not None:
             bar.close()
-        result = {"name": self.cfg.name, "epochs": self.cfg.epochs, **(self.history[-1] if self.history else {})}
+        result = {"name": self.cfg.name, "epochs": self.cfg.epochs, **(self.history[-1] if self.history else {}),
+                  "total_train_seconds": sum(row["train_seconds"] for row in self.history)}
         result.update(self._final_evaluations())
         if self.rank == 0:
             ckpt_io.save_atomic(self.model.state_dict(), os.path.join(self.run_dir, "model.pt"))

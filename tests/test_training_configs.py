@@ -1,0 +1,78 @@
+"""Every bundled config validates; every smoke config runs end to end on synthetic data in the real on-disk
+formats (CIFAR pickles, MIT Indoor folders, a local ResNet-34 weights file)."""
+import glob
+import os
+import time
+
+import pytest
+import torch
+
+from fastjac.cli import CONFIG_DIR
+from fastjac.training import config, synthetic, terms
+from fastjac.training.models import build_model
+from fastjac.training.report import table
+from fastjac.training.runner import run_experiment
+
+CONFIGS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+SMOKE = [c for c in CONFIGS if c.startswith("smoke_")]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads per process slow everything down."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_validates_and_every_run_is_buildable(name):
+    cfg = config.load(os.path.join(CONFIG_DIR, name + ".yaml"))
+    assert cfg.description, f"{name}: a description says what the config reruns"
+    runs = config.expand(cfg)
+    assert runs
+    for _, run in runs:
+        terms.parse(run.loss)
+    spec = dict(runs[0][1].model, weights=None)
+    build_model(spec)
+
+
+def test_every_experiment_has_a_smoke_variant():
+    full = [c for c in CONFIGS if c.startswith("e")]
+    bases = {config.read(os.path.join(CONFIG_DIR, s + ".yaml")).get("name") for s in SMOKE}
+    smoke_bases = set()
+    for s in SMOKE:
+        import yaml
+
+        with open(os.path.join(CONFIG_DIR, s + ".yaml")) as f:
+            smoke_bases.add(yaml.safe_load(f)["base"])
+    # e7_table5_2 is the same code path as e7_table5_1 (a grid of its score_matching term); 20 runs are too long
+    assert set(full) - smoke_bases == {"e7_table5_2"}, set(full) - smoke_bases
+    assert bases
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    synthetic.write_cifar(str(root), "cifar100", n_train=200, n_test=40, seed=0)
+    synthetic.write_cifar(str(root), "cifar10", n_train=100, n_test=40, seed=1)
+    synthetic.write_mit_indoor(str(root), n_classes=3, train_per_class=4, test_per_class=2, size=(72, 80), seed=2)
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), root / "resnet34-b627a593.pth")
+    return str(root)
+
+
+@pytest.mark.parametrize("name", SMOKE)
+def test_smoke_config_runs_end_to_end(name, data_root, tmp_path):
+    cfg = config.load(os.path.join(CONFIG_DIR, name + ".yaml"))
+    t0 = time.perf_counter()
+    results = run_experiment(cfg, str(tmp_path / "out"), data_root=data_root, progress=False, log=lambda *_: None)
+    assert len(results) == len(config.expand(cfg))
+    assert all(0 <= r["test_acc"] <= 100 for r in results)
+    text = table(str(tmp_path / "out"))
+    for method in (cfg.sweep.methods if cfg.sweep else {}):
+        assert f"| {method} |" in text
+    print(f"{name}: {len(results)} runs in {time.perf_counter() - t0:.1f} s")

@@ -1,0 +1,156 @@
+"""Loss terms of the trainer: values against the library functions, BatchNorm semantics (running statistics
+updated once per step, frozen per-sample Jacobians), fused and plain models agree."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastjac
+from fastjac.training import terms
+from fastjac.training.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _pair(fused=False, seed=0):
+    torch.manual_seed(seed)
+    student = build_model({"arch": "vgg4", "num_classes": 5, "in_channels": 1, "fused": fused})
+    teacher = build_model({"arch": "vgg4", "num_classes": 5, "in_channels": 1, "fused": fused}).eval()
+    for model in (student, teacher):  # non-trivial BatchNorm parameters and running statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                with torch.no_grad():
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 1.5)
+    return student, teacher
+
+
+def _batch(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+ALL_TERMS = {
+    "ce": {},
+    "activation_matching": {},
+    "jacobian_matching": {"normalize": True},
+    "jacobian_norm": {"form": "cross_entropy"},
+    "attention_matching": {"student_layer": "features.3", "teacher_layer": "features.3"},
+    "attention_jacobian": {"student_layer": "features.3", "teacher_layer": "features.3", "window": 0.5},
+    "bias_jacobian_matching": {"student_layers": ["features.1", "features.5"], "teacher_layers": ["features.1", "features.5"]},
+    "bias_jacobian_norm": {"layers": ["features.9"]},
+    "score_matching": {"mu": 1e-3, "sigma": 0.05},
+    "anti_score_matching": {"tau": 10.0, "sigma": 0.05},
+    "gradient_norm": {},
+    "bias_decay": {"layers": ["features.1"]},
+}
+
+
+def _value(term, options, student, teacher, x, y):
+    parsed = terms.parse({term: {"weight": 1.0, **options}})
+    ctx = terms.context(student, teacher, x.clone(), y, parsed)
+    torch.manual_seed(123)  # the trace estimators draw their seeds from torch's generator
+    value = terms.TERMS[term].fn(ctx, **options)
+    ctx.logits  # noqa: B018 - the step's clean forward (the trainer's CE term always has one)
+    return value
+
+
+@pytest.mark.parametrize("term", sorted(ALL_TERMS))
+def test_running_stats_updated_once_and_gradients_flow(term):
+    student, teacher = _pair()
+    x, y = _batch()
+    value = _value(term, ALL_TERMS[term], student, teacher, x, y)
+    assert value.dim() == 0 and torch.isfinite(value)
+    value.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    ref = copy.deepcopy(_pair()[0])
+    ref(x)  # one ordinary training forward
+    for (name, a), b in zip(student.named_buffers(), ref.buffers()):
+        assert torch.equal(a, b), f"{term}: buffer {name} differs from one forward's update"
+
+
+@pytest.mark.parametrize("term", sorted(ALL_TERMS))
+def test_fused_and_plain_models_give_the_same_term_and_gradients(term):
+    """In float64, so that the finite-difference trace estimators (rounding amplified by 1/sigma^2) compare
+    the two implementations and not float32 rounding."""
+    x, y = _batch()
+    x = x.double()
+    results = []
+    for fused in (False, True):
+        student, teacher = (m.double() for m in _pair(fused))
+        value = _value(term, ALL_TERMS[term], student, teacher, x, y)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() if p.grad is not None else None for p in student.parameters()]))
+    (v0, g0), (v1, g1) = results
+    torch.testing.assert_close(v1, v0, rtol=1e-9, atol=1e-10)
+    for a, b in zip(g0, g1):
+        if a is None:
+            assert b is None or b.abs().max() == 0
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
+
+
+def test_frozen_rows_are_per_sample_jacobians_and_live_rows_are_not():
+    """Training-mode BatchNorm: the default rows equal the Jacobian of each sample's own function with the
+    batch's statistics held fixed; batch_norm: live rows are those of the batch sum (cross-sample terms)."""
+    torch.manual_seed(0)
+    student = build_model({"arch": "vgg4", "num_classes": 5, "in_channels": 1, "fused": False}).double()
+    x, y = _batch()
+    x = x.double()
+    ctx = terms.context(student, None, x.clone(), y, terms.parse({"jacobian_norm": 1.0}))
+    frozen = ctx.input_grad("logits", "label", "frozen")
+    live = ctx.input_grad("logits", "label", "live")
+    # brute force: eval mode with the batch statistics as running statistics
+    probe = copy.deepcopy(student)
+    with fastjac.record_batch_norm_stats(probe) as stats:
+        probe(x)
+    def row(n):
+        with stats.frozen():  # one frozen context per pass
+            return torch.autograd.functional.jacobian(lambda z: probe(z[None])[0, y[n]], x[n])
+
+    rows = [row(n) for n in range(len(x))]
+    torch.testing.assert_close(frozen, torch.stack(rows))
+    assert (live - frozen).norm() > 1e-3 * frozen.norm()
+
+
+def test_term_values_match_the_library_in_eval_mode():
+    student, teacher = _pair()
+    student.eval()
+    x, y = _batch()
+    # Jacobian matching: label rows, Prop. 1 squared error
+    xs = x.clone().requires_grad_()
+    (js,) = torch.autograd.grad(student(xs).gather(1, y[:, None]).sum(), xs)
+    xt = x.clone().requires_grad_()
+    (jt,) = torch.autograd.grad(teacher(xt).gather(1, y[:, None]).sum(), xt)
+    expected = (js - jt).pow(2).flatten(1).sum(1).mean()
+    got = _value("jacobian_matching", {}, student, teacher, x, y)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    # Jacobian norm, cross-entropy form (000 Eq. 3)
+    xs = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(F.log_softmax(student(xs), 1).gather(1, y[:, None]).sum(), xs)
+    got = _value("jacobian_norm", {"form": "cross_entropy"}, student, teacher, x, y)
+    torch.testing.assert_close(got, g.pow(2).flatten(1).sum(1).mean(), rtol=1e-5, atol=1e-7)
+    # activation matching
+    got = _value("activation_matching", {}, student, teacher, x, y)
+    torch.testing.assert_close(got, (student(x) - teacher(x)).pow(2).sum(1).mean())
+
+
+def test_unknown_options_and_layers_are_named():
+    with pytest.raises(ValueError, match="loss.jacobian_norm: unknown option"):
+        terms.parse({"jacobian_norm": {"weight": 1.0, "froms": "x"}})
+    student, teacher = _pair()
+    x, y = _batch()
+    with pytest.raises(Exception, match="features.99"):
+        _value("attention_matching", {"student_layer": "features.99", "teacher_layer": "features.3"}, student, teacher, x, y)
+    with pytest.raises(ValueError, match="batch_norm"):
+        _value("jacobian_norm", {"batch_norm": "sometimes"}, student, teacher, x, y)
