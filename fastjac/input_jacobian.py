@@ -46,6 +46,9 @@ class InputJacobian:
     def __len__(self) -> int:
         return 2
 
+    def __getitem__(self, index):
+        return (self.outputs, self.jacobian)[index]
+
     def rows(self) -> Tensor:
         """Input-space rows: the Jacobian itself for ``kind == "rows"``; for directional derivatives the
         unbiased sketch ``(1/S) sum_s (J z_s) z_s^T`` (E[z z^T] = I), whose variance is about ``D/S``

@@ -64,7 +64,9 @@ def test_exact_modes_match_brute_force(act, training, convert):
     net = make(act, training, convert)
     x, y = inputs()
     rows = reference_rows(net, x, training)
-    out, jac = fastjac.input_jacobian(net, x, y)
+    result = fastjac.input_jacobian(net, x, y)
+    out, jac = result
+    assert result[0] is out and result[1] is jac and len(result) == 2
     torch.testing.assert_close(jac, pick(rows, y))
     top = fastjac.input_jacobian(net, x, mode="top")
     torch.testing.assert_close(top.target, out.detach().argmax(1))
