@@ -7,8 +7,11 @@ from torch import nn
 
 import fastjac
 from _bias_jacobian_models import (
-    VGG9, effective_bias, randomize, scaled_channel_bias, target_outputs, tiny_plain_cnn, tiny_resnet, tiny_vgg, vgg,
+    VGG9, effective_bias, randomize, scaled_channel_bias, single_thread, target_outputs, tiny_plain_cnn, tiny_resnet,
+    tiny_vgg, vgg,
 )
+
+pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
 # Completeness in float64: each term is a sum of O(100) products of O(1) numbers, so rounding stays far
 # below 1e-12 relative to the size of the terms (observed ~1e-16).
@@ -123,6 +126,30 @@ def test_bias_jacobian_channel_sums_equal_bias_sensitivity(make, convert):
         expected = _channel_brute_force(model, name, x, target)
         torch.testing.assert_close(_channel_sums(result.bias_jacobians[name], kind), expected,
                                    rtol=0, atol=FD_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_conv3d_and_transposed_conv(dims):
+    """Conv of any dimension (transposed too) and BatchNorm1d/3d: complete, plain = converted, brute force."""
+    if dims == 1:
+        model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.ConvTranspose1d(4, 2, 3, stride=2),
+                              nn.ReLU(), nn.Flatten(), nn.Linear(34, 3))
+        x = torch.randn(2, 3, 10, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4), nn.ReLU(), nn.AdaptiveAvgPool3d(1),
+                              nn.Flatten(), nn.Linear(4, 3))
+        x = torch.randn(2, 3, 5, 5, 5, dtype=torch.float64)
+    model = randomize(model).eval()
+    target = torch.tensor([0, 2])
+    plain = fastjac.full_jacobian(model, x, target, create_graph=False)
+    _assert_complete(plain)
+    converted_model = _converted(model)
+    converted = fastjac.full_jacobian(converted_model, x, target, create_graph=False)
+    assert converted.layer_types["1"] == "batch_norm_relu"
+    _assert_same_decomposition(plain, converted, rtol=1e-10, atol=1e-12)
+    for name, kind in plain.layer_types.items():
+        torch.testing.assert_close(_channel_sums(plain.bias_jacobians[name], kind),
+                                   _channel_brute_force(model, name, x, target), rtol=0, atol=FD_ATOL, msg=name)
 
 
 def _perturb_output(module, direction, t):
