@@ -298,3 +298,15 @@ def test_dispatch_compiled_else_reference():
     xx = torch.randn(3, 5, dtype=torch.float64)
     z = noise(xx, seed=2)
     assert abs(float(trace) - float((12 * xx[0] ** 2 * z[0] ** 2).sum())) < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4), ()], ids=str)
+def test_empty_and_zero_dim_tensors(backend, shape):
+    """Empty tensors give empty results; a 0-dim tensor is one row of one element (stream element offset)."""
+    x = torch.ones(shape, dtype=torch.float64, requires_grad=True)
+    y, d = perturb(x, 0.5, seed=1, offset=3), noise_dot(x, seed=1, offset=3)
+    assert y.shape == x.shape and d.shape == ((1,) if x.dim() == 0 else (x.shape[0],))
+    (y.sum() + d.sum()).backward()
+    z = ref.noise(x.numel(), 1, 3, 0, torch.float64, "cpu").view(x.shape)
+    torch.testing.assert_close(y.detach(), 1 + 0.5 * z)
+    torch.testing.assert_close(x.grad, 1 + z)
