@@ -87,7 +87,7 @@ def _input_gradient(fn, x: Tensor, fx, grad_fx):
         if fx is None or not x.requires_grad or grad_fx.shape != x.shape:
             raise _error("grad_fx must come with fx, computed from x requiring grad, with the shape of x")
         return x, fx, grad_fx
-    if fx is None or not x.requires_grad:
+    if fx is None or not x.requires_grad or not fx.requires_grad:  # no graph from x to fx: run fn again
         x = x if x.requires_grad else x.detach().requires_grad_()
         fx = _check_output(fn(x), x)
     g = _grad_or_zero(fx.sum(), x, create_graph=True)
@@ -170,8 +170,8 @@ def hessian_trace(
     - ``sigma``: probe scale of the finite-difference methods (``v = sigma z``; unused by the others).
     - ``distribution``: ``"gaussian"`` or ``"rademacher"`` probes. ``seed`` (default: drawn from torch's
       generator, so ``torch.manual_seed`` reproduces it) and ``offset`` fix the probes exactly.
-    - ``fx``, ``grad_fx``: ``fn(x)`` and the gradient of ``fx.sum()`` w.r.t. ``x`` (with ``create_graph=True``)
-      when the caller has them already (score matching does), so they are not recomputed.
+    - ``fx``, ``grad_fx``: ``fn(x)`` (with its graph) and the gradient of ``fx.sum()`` w.r.t. ``x`` (with
+      ``create_graph=True``) when the caller has them already (score matching does), so they are not recomputed.
     - ``control_variate`` (taylor): subtract ``g^T v``, which has zero mean; removes the ``4||g||^2/sigma^2``
       variance for the price of the input gradient (free when ``grad_fx`` is given).
     - ``create_graph``: keep the result differentiable w.r.t. ``fn``'s parameters (and ``x``) for training.

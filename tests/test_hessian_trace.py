@@ -226,6 +226,40 @@ def test_perturbed_forwards_are_separate_batches():
         assert sizes == [6] * calls, (method, sizes)
 
 
+def test_estimators_save_no_noise():
+    """The probes are regenerated from (seed, offset): the finite-difference estimators save exactly the
+    x-shaped tensors the model's own forwards save (here the first Linear saves its input). In Hutchinson the
+    probe z is the cotangent of the HVP backward, which the model's backward keeps when recording a graph for
+    the parameter gradients (here once per draw, in the first Linear's grad-input matmul): one x-shaped tensor
+    per draw, against two with a stored probe (``(g * z).sum()`` also saves z), none without a graph."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.Softplus(), nn.Linear(7, 1)).to(F64)
+    fn, x = _scalar_fn(model), torch.randn(4, 5, dtype=F64)
+
+    def x_shaped_saved(run):
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            run()
+        return sum(t.shape == x.shape for t in packed)
+
+    per_forward = x_shaped_saved(lambda: fn(x))
+    assert per_forward == 1
+    assert x_shaped_saved(lambda: hessian_trace(fn, x, "taylor", samples=3, seed=1)) == 4 * per_forward
+    assert x_shaped_saved(lambda: hessian_trace(fn, x, "antithetic", samples=2, seed=1)) == 5 * per_forward
+    xr = x.clone().requires_grad_()
+    fx = fn(xr)
+    (g,) = torch.autograd.grad(fx.sum(), xr, create_graph=True)
+    kw = dict(samples=3, seed=1, fx=fx, grad_fx=g)
+    assert x_shaped_saved(lambda: hessian_trace(fn, xr, "hutchinson", **kw)) == 3
+    assert x_shaped_saved(lambda: hessian_trace(fn, xr, "hutchinson", create_graph=False, **kw)) == 0
+
+    def stored_probe():
+        for s in range(3):
+            z = noise(x, seed=1, offset=s * x.numel())
+            (hz,) = torch.autograd.grad((g * z).sum(), xr, create_graph=True, retain_graph=True)
+
+    assert x_shaped_saved(stored_probe) == 6
+
+
 def test_fx_is_reused():
     calls = []
     model = _mlp()

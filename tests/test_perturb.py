@@ -263,3 +263,50 @@ def test_reference_runs_on_cuda_tensors():
         assert torch.equal(philox_words(x.cuda(), seed=4, offset=9).cpu(), ref.philox_words(x, 4, 9))
         got = perturb(x.cuda(), torch.rand(5, dtype=torch.float64).cuda() * 0 + 0.5, seed=4, offset=9).cpu()
     torch.testing.assert_close(got, ref.perturb_fwd(x, torch.tensor(0.5), 4, 9, 0), rtol=1e-14, atol=1e-14)
+
+
+def test_dispatch_compiled_else_reference():
+    """CPU tensors use the C++ kernels when built (the reference when forced); without the extension the
+    reference serves everything and yields the same stream."""
+    import os
+    import subprocess
+    import sys
+
+    from fastjac.ops.perturb import kernels
+
+    cpu = torch.device("cpu")
+    assert kernels(cpu) is (torch.ops.fastjac if fastjac.backends()["cpu"] else ref)
+    with fastjac.use_backend("reference"):
+        assert kernels(cpu) is ref
+    script = (
+        "import sys; sys.modules['fastjac._C'] = None\n"
+        "import torch, fastjac\n"
+        "from fastjac.ops.perturb import kernels, philox_words\n"
+        "from fastjac.reference import perturb as ref\n"
+        "assert not fastjac.backends()['cpu'] and kernels(torch.device('cpu')) is ref\n"
+        "torch.manual_seed(0); x = torch.randn(3, 5, dtype=torch.float64)\n"
+        "print(philox_words(x, 17, 3).tolist())\n"
+        "print(float(fastjac.hessian_trace(lambda z: (z ** 4).sum(1), x, 'hutchinson', seed=2)[0]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FASTJAC_BACKEND"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    words, trace = proc.stdout.strip().splitlines()
+    x = torch.empty(3, 5)
+    assert words == str(philox_words(x, 17, 3).tolist())
+    torch.manual_seed(0)
+    xx = torch.randn(3, 5, dtype=torch.float64)
+    z = noise(xx, seed=2)
+    assert abs(float(trace) - float((12 * xx[0] ** 2 * z[0] ** 2).sum())) < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4), ()], ids=str)
+def test_empty_and_zero_dim_tensors(backend, shape):
+    """Empty tensors give empty results; a 0-dim tensor is one row of one element (stream element offset)."""
+    x = torch.ones(shape, dtype=torch.float64, requires_grad=True)
+    y, d = perturb(x, 0.5, seed=1, offset=3), noise_dot(x, seed=1, offset=3)
+    assert y.shape == x.shape and d.shape == ((1,) if x.dim() == 0 else (x.shape[0],))
+    (y.sum() + d.sum()).backward()
+    z = ref.noise(x.numel(), 1, 3, 0, torch.float64, "cpu").view(x.shape)
+    torch.testing.assert_close(y.detach(), 1 + 0.5 * z)
+    torch.testing.assert_close(x.grad, 1 + z)

@@ -80,6 +80,12 @@ def _rows(t: torch.Tensor) -> int:
     return 1 if t.dim() == 0 else t.shape[0]
 
 
+def _matrix_shape(t: torch.Tensor) -> tuple[int, int]:
+    """``(rows, D)``: rows along dim 0 (one for a 0-dim tensor), ``D`` elements each."""
+    rows = _rows(t)
+    return rows, (t.numel() // rows if rows else 0)
+
+
 def philox_words(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     """``W[offset + i]`` for every element of ``like`` (shape only), int64 in [0, 2**32)."""
     return _words(seed, offset, like.numel(), like.device).view(like.shape)
@@ -88,14 +94,16 @@ def philox_words(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
 def perturb_fwd(x: torch.Tensor, sigma: torch.Tensor, seed: int, offset: int, distribution: int) -> torch.Tensor:
     """``x + sigma[row] * z[offset + i]``, ``sigma`` of shape ``()`` or ``(rows,)`` (rows along dim 0)."""
     a = _compute_dtype(x.dtype)
-    z = noise(x.numel(), seed, offset, distribution, a, x.device).view(_rows(x), -1)
+    shape = _matrix_shape(x)
+    z = noise(x.numel(), seed, offset, distribution, a, x.device).view(shape)
     s = sigma.to(torch.float64).to(a).reshape(-1, 1)
-    return (x.to(a).reshape(_rows(x), -1) + s * z).to(x.dtype).view(x.shape)
+    return (x.to(a).reshape(shape) + s * z).to(x.dtype).view(x.shape)
 
 
 def noise_row_dot(g: torch.Tensor, seed: int, offset: int, distribution: int) -> torch.Tensor:
     """Per row ``r``: ``sum_j g[r, j] z[offset + r D + j]``, shape ``(rows,)``, float64 for float64 ``g``
     else float32 (accumulated in float64)."""
     a = _compute_dtype(g.dtype)
-    z = noise(g.numel(), seed, offset, distribution, a, g.device).to(torch.float64).view(_rows(g), -1)
-    return (g.to(torch.float64).reshape(_rows(g), -1) * z).sum(dim=1).to(a)
+    shape = _matrix_shape(g)
+    z = noise(g.numel(), seed, offset, distribution, a, g.device).to(torch.float64).view(shape)
+    return (g.to(torch.float64).reshape(shape) * z).sum(dim=1).to(a)
