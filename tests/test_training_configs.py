@@ -55,8 +55,8 @@ def test_every_experiment_has_a_smoke_variant():
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    synthetic.write_cifar(str(root), "cifar100", n_train=200, n_test=40, seed=0)
-    synthetic.write_cifar(str(root), "cifar10", n_train=100, n_test=40, seed=1)
+    synthetic.write_cifar(str(root), "cifar100", n_train=100, n_test=20, seed=0)
+    synthetic.write_cifar(str(root), "cifar10", n_train=50, n_test=20, seed=1)
     synthetic.write_mit_indoor(str(root), n_classes=3, train_per_class=4, test_per_class=2, size=(72, 80), seed=2)
     import torchvision
 
