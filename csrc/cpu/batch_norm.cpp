@@ -192,7 +192,8 @@ std::vector<std::pair<double, double>> sums_then_affine(BnKind kind, const BnPla
     k[c].mean = A(st.mean[c]), k[c].r = A(st.invstd[c]);
     if (!st.z.empty()) k[c].z = BnZ<A>{A(st.z[c].a), A(st.z[c].c)};
   }
-  TORCH_CHECK(!((plan.out | plan.sum) & kZ) || !st.z.empty(), "fastjac: BatchNorm mask coefficients missing");
+  TORCH_CHECK(!((plan.out | plan.sum) & kZ) || st.z.size() == size_t(geo.C),
+              "fastjac: BatchNorm mask coefficients missing");
   std::vector<Sums> sums(geo.C);
   if (const unsigned first = bn_first_flags(plan)) sums = run_affine(first, geo, io, k, BnAffineFlags{});
   auto coef = [&](int64_t c, const Sums& s) {
