@@ -9,6 +9,9 @@ Build switches (environment variables):
         installed torch is a CUDA build, and csrc/cuda/*.cu sources exist; otherwise CPU only.
         1: require the CUDA build (error if any of the above is missing). 0: never build CUDA.
         A CUDA build defines FASTJAC_WITH_CUDA, so fastjac._C.compiled_with_cuda() returns True.
+    TORCH_CUDA_ARCH_LIST
+        GPU architectures of the CUDA build, default "8.0;9.0" (sm_80 A100, sm_90 H100/H200; read by
+        torch.utils.cpp_extension, which would otherwise pick the visible GPU's, or a long list when there is none).
     FASTJAC_CPU_ARCH_FLAGS
         Target flags of the CPU kernels, default "-march=native": the package is built where it runs, so the
         vectorised loops use every instruction set of this machine (AVX2 / AVX-512). Set a portable target
@@ -17,8 +20,9 @@ Build switches (environment variables):
     MAX_JOBS
         Parallel compile jobs of the ninja build (read by torch.utils.cpp_extension).
 
-Sources are compiled with -O3, no debug info and OpenMP (at::parallel_for, `omp simd` loops). The C++ standard is
-the one torch.utils.cpp_extension adds for the installed torch (C++20 for torch 2.14, whose headers require it);
+CUDA sources are compiled with nvcc -O3 --expt-relaxed-constexpr -lineinfo (line tables for profilers, no device
+debug code). C++ sources are compiled with -O3, no debug info and OpenMP (at::parallel_for, `omp simd` loops). The
+C++ standard is the one torch.utils.cpp_extension adds for the installed torch (C++20 for torch 2.14, whose headers require it);
 the sources themselves are C++17.
 """
 import glob
@@ -65,11 +69,12 @@ def _extension():
     # -g0: Python's CFLAGS add -g, whose debug info is ~25x the code of these templates and doubles build time.
     cxx = ["-O3", "-g0", "-fopenmp", *arch]
     if _want_cuda(cuda_sources):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
             "fastjac._C",
             cpp_sources + cuda_sources,
             define_macros=[("FASTJAC_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension(

@@ -51,8 +51,31 @@ struct BnMoments {
     n = total;
   }
   FASTJAC_HOST_DEVICE void merge(const BnMoments& o) { merge(o.n, o.mean, o.m2); }
+  // Welford's update with one value v.
+  FASTJAC_HOST_DEVICE void push(T v) {
+    n += T(1);
+    const T delta = v - mean;
+    mean += delta / n;
+    m2 += delta * (v - mean);
+  }
   FASTJAC_HOST_DEVICE T var() const { return n > T(0) ? m2 / n : T(0); }  // biased
 };
+
+// xh = (x - mean) r.
+template <typename A>
+FASTJAC_HOST_DEVICE inline A bn_xhat(A x, A mean, A r) {
+  return (x - mean) * r;
+}
+
+// A pass-2 output cu u + cg g + cx xh + c0 (BnAffine), with the terms whose operand is read (U, G, X).
+template <bool U, bool G, bool X, typename A>
+FASTJAC_HOST_DEVICE inline A bn_affine(const BnAffine<A>& k, A u, A g, A xh) {
+  A v = k.c0;
+  if constexpr (X) v += k.cx * xh;
+  if constexpr (G) v += k.cg * g;
+  if constexpr (U) v += k.cu * u;
+  return v;
+}
 
 // a * b + c. Rounded once (an explicit fused multiply-add) where the target has one, so that the result does not
 // depend on the compiler's -ffp-contract choice at each call site; rounded twice elsewhere (nothing to contract
@@ -184,6 +207,35 @@ FASTJAC_HOST_DEVICE inline BnAffine<T> bn_jvp_coef(const BnSums<T>& s, T count, 
     z.c0 -= gr * s.u / count;
   }
   return z;
+}
+
+// The per-channel coefficients of one kernel after the forward: pass 2 writes p = m * (p affine) and
+// q = (q affine) (BnAffine), and the kernel returns out0, out1 per channel. With p_in, q_in the kernel's
+// per-channel inputs (ggw, ggb for bn_dbwd; tw, tb for bn_jvp):
+//   kBwd:  q = gx,    out0 = gw, out1 = gb          (bn_bwd_coef)
+//   kDbwd: p = ggrad, q = gx, out0 = gw            (bn_dbwd_coef)
+//   kJvp:  p = y_dot                               (bn_jvp_coef)
+//   kFwd:  nothing (bn_fwd writes y = bn_z(x) through BnZ)
+enum class BnKind { kFwd, kBwd, kDbwd, kJvp };
+template <typename T>
+struct BnKernelCoef {
+  BnAffine<T> p, q;
+  T out0 = T(0), out1 = T(0);
+};
+template <typename T>
+FASTJAC_HOST_DEVICE inline BnKernelCoef<T> bn_kernel_coef(BnKind kind, const BnSums<T>& s, T count, T gamma, T r,
+                                                          T p_in, T q_in, bool training) {
+  BnKernelCoef<T> k;
+  if (kind == BnKind::kBwd) {
+    const BnBwdCoef<T> b = bn_bwd_coef(s, count, gamma, r, training);
+    k.q = b.gx, k.out0 = b.gw, k.out1 = b.gb;
+  } else if (kind == BnKind::kDbwd) {
+    const BnDbwdCoef<T> d = bn_dbwd_coef(s, count, gamma, r, p_in, q_in, training);
+    k.p = d.ggrad, k.q = d.gx, k.out0 = d.gw;
+  } else if (kind == BnKind::kJvp) {
+    k.p = bn_jvp_coef(s, count, gamma, r, p_in, q_in, training);
+  }
+  return k;
 }
 
 }  // namespace fastjac

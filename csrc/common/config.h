@@ -3,6 +3,8 @@
 
 #if defined(__CUDACC__)
 #define FASTJAC_HOST_DEVICE __host__ __device__
+#define FASTJAC_INLINE __forceinline__
 #else
 #define FASTJAC_HOST_DEVICE
+#define FASTJAC_INLINE [[gnu::always_inline]] inline
 #endif

@@ -46,4 +46,19 @@ FASTJAC_HOST_DEVICE inline void softplus_d1_d2(T x, T beta, T threshold, T& d1, 
   }
 }
 
+// softplus_bwd of one element: g * d1.
+template <typename T>
+FASTJAC_HOST_DEVICE inline T softplus_grad(T g, T x, T beta, T threshold) {
+  return g * softplus_d1(x, beta, threshold);
+}
+
+// softplus_dbwd of one element: (gg * d1, gg * g * d2).
+template <typename T>
+FASTJAC_HOST_DEVICE inline void softplus_dgrad(T gg, T g, T x, T beta, T threshold, T& out_g, T& out_x) {
+  T d1, d2;
+  softplus_d1_d2(x, beta, threshold, d1, d2);
+  out_g = gg * d1;
+  out_x = gg * g * d2;
+}
+
 }  // namespace fastjac

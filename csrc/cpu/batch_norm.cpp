@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "../common/batch_norm.h"
+#include "../common/batch_norm_element.h"
 #include "loops.h"
 
 namespace fastjac::cpu {
@@ -22,95 +23,12 @@ using Sums = BnSums<double>;
 using Moments = BnMoments<double>;
 using Affine = BnAffine<double>;
 
-// What one element loop reads and writes (compile-time flags). Inputs: u (ggx / tx), g (grad), x (as xh with
-// kX; as the forward's z = bn_z(x) with kY or kZ). kZ fuses the ReLU: the mask m = bn_relu_on(z) is recomputed
-// from x (csrc/KERNELS.md, "Fused ReLU"), g is read as g~ = m ? g : 0 and p is 0 where m = 0 (without kZ, m = 1
-// and g~ = g). Outputs: p = m (cu u + cx xh + c0), or with kY the forward's y = z (relu(z) with kZ);
-// q = cu u + cg g~ + cx xh + c0. With kSum, every sum of BnSums whose operands are read is accumulated.
-enum : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128 };
-
-template <unsigned Extra, unsigned... Fs>
-constexpr auto with_flag(std::integer_sequence<unsigned, Fs...>) {
-  return std::integer_sequence<unsigned, (Fs | Extra)...>{};
-}
-template <unsigned... A, unsigned... B>
-constexpr auto concat(std::integer_sequence<unsigned, A...>, std::integer_sequence<unsigned, B...>) {
-  return std::integer_sequence<unsigned, A..., B...>{};
-}
-
-// The flag sets the kernels use, one compiled loop each (run_affine() rejects others): bn_fwd's, the one pass
-// that neither reads g nor writes p (so never masked), and the others without and with the fused ReLU.
-using MaskableFlags = std::integer_sequence<unsigned,  //
-                                            kOutP, kU | kOutP, kX | kOutP, kU | kX | kOutP,  //
-                                            kG | kX | kOutQ, kG | kX | kOutP | kOutQ, kU | kG | kX | kOutP | kOutQ,
-                                            kG | kX | kSum, kU | kG | kX | kSum, kG | kX | kOutQ | kSum,
-                                            kU | kG | kOutP | kOutQ | kSum, kU | kG | kX | kOutP | kOutQ | kSum>;
-using AffineFlags = decltype(concat(concat(std::integer_sequence<unsigned, kY | kOutP, kY | kOutP | kZ, kU | kX | kSum>{},
-                                           MaskableFlags{}),
-                                    with_flag<kZ>(MaskableFlags{})));
-
 template <typename A>
-struct ChannelCoef {  // per-channel constants of one loop, in the compute type
-  A mean = A(0), r = A(0);
-  BnAffine<A> p, q;
-  BnZ<A> z;  // the forward's z = a x + c (bn_fwd's output, the fused ReLU's mask)
-};
+using ChannelCoef = BnChannel<A>;  // per-channel constants of one loop, in the compute type
 
-template <bool U, bool G, bool X, typename A>
-inline A affine(const BnAffine<A>& k, A u, A g, A xh) {
-  A v = k.c0;
-  if constexpr (X) v += k.cx * xh;
-  if constexpr (G) v += k.cg * g;
-  if constexpr (U) v += k.cu * u;
-  return v;
-}
-
-template <typename T>
-struct Ptrs {  // the arrays of one run
-  const T* __restrict__ x;
-  const T* __restrict__ g;
-  const T* __restrict__ u;
-  T* __restrict__ p;
-  T* __restrict__ q;
-  template <typename A>
-  explicit Ptrs(const BnRun<T, A>& r)
-      : x(r.at(r.io.x)), g(r.at(r.io.g)), u(r.at(r.io.u)), p(r.at(r.io.p)), q(r.at(r.io.q)) {}
-};
-
-// One element j of every pass after the forward statistics: accumulates the sums, writes the outputs.
-template <unsigned F, typename T, typename A>
-[[gnu::always_inline]] inline void bn_element(const ChannelCoef<A>& k, const Ptrs<T>& a, int64_t j, A& su, A& sux,
-                                              A& sg, A& sgx, A& sug) {
-  constexpr bool U = F & kU, G = F & kG, X = F & kX, P = F & kOutP, Q = F & kOutQ, Y = F & kY, Z = F & kZ,
-                 Sum = F & kSum;
-  // The mask is applied as a selection (m ? v : 0) for float and double: gcc does not vectorise the bool -> float
-  // conversion of a 0 / 1 factor. For float16 / bfloat16 it is a product with m as 0 / 1 (the form these loops
-  // had with a stored mask): with the selection, gcc 13 computed wrong sums u g~ in the eval row loop of
-  // bfloat16 (tests/test_kernels_cpu.py::test_bn_half); to be looked at, half types are not vectorised anyway.
-  constexpr bool kSelect = std::is_same_v<T, A>;
-  A uj = A(0), gj = A(0), xh = A(0), z = A(0), m = A(1);
-  bool on = true;
-  if constexpr (U) uj = static_cast<A>(a.u[j]);
-  if constexpr (X || Y || Z) {
-    const A xj = static_cast<A>(a.x[j]);
-    if constexpr (X) xh = (xj - k.mean) * k.r;
-    if constexpr (Y || Z) z = bn_z(BnZ<A>{k.z.a, k.z.c}, xj);
-  }
-  if constexpr (Z) on = bn_relu_on<T>(z);
-  if constexpr (Z && !kSelect) m = on ? A(1) : A(0);
-  if constexpr (G) gj = !Z ? static_cast<A>(a.g[j]) : kSelect ? (on ? static_cast<A>(a.g[j]) : A(0))
-                                                               : static_cast<A>(a.g[j]) * m;
-  if constexpr (Sum && U) su += uj;
-  if constexpr (Sum && U && X) sux += uj * xh;
-  if constexpr (Sum && G) sg += gj;
-  if constexpr (Sum && G && X) sgx += gj * xh;
-  if constexpr (Sum && U && G) sug += uj * gj;
-  if constexpr (P && Y) a.p[j] = on ? static_cast<T>(z) : T(0);
-  if constexpr (P && !Y) {
-    const A v = affine<U, false, X>(k.p, uj, gj, xh);
-    a.p[j] = static_cast<T>(!Z ? v : kSelect ? (on ? v : A(0)) : v * m);
-  }
-  if constexpr (Q) a.q[j] = static_cast<T>(affine<U, G, X>(k.q, uj, gj, xh));
+template <typename T, typename A>
+BnPtrs<T> ptrs(const BnRun<T, A>& r) {  // the arrays of one run
+  return BnPtrs<T>{r.at(r.io.x), r.at(r.io.g), r.at(r.io.u), r.at(r.io.p), r.at(r.io.q)};
 }
 
 // bn_pass kernel of the affine passes: per-channel constants k, sums into BnSums.
@@ -122,7 +40,7 @@ struct AffinePass {
   const std::vector<ChannelCoef<A>>& k;
 
   void row(int64_t c, const BnRun<T, A>& run, Acc& acc) const {
-    const Ptrs<T> a(run);
+    const BnPtrs<T> a = ptrs(run);
     const ChannelCoef<A> kc = k[c];
     A su = 0, sux = 0, sg = 0, sgx = 0, sug = 0;
 #pragma omp simd reduction(+ : su, sux, sg, sgx, sug)
@@ -147,7 +65,7 @@ struct AffinePass {
       }
     }
     void run(const BnRun<T, A>& run) {
-      const Ptrs<T> a(run);
+      const BnPtrs<T> a = ptrs(run);
       const A *mean = at(kMean), *r = at(kR), *pu = at(kPu), *px = at(kPx), *p0 = at(kP0), *qu = at(kQu),
               *qg = at(kQg), *qx = at(kQx), *q0 = at(kQ0), *za = at(kZa), *zc = at(kZc);
       A *su = at(kSu), *sux = at(kSux), *sg = at(kSg), *sgx = at(kSgx), *sug = at(kSug);
@@ -245,99 +163,107 @@ struct Stats {
 
 // Runs the affine pass with the runtime `flags` (arrays the flags do not use are not read).
 template <typename T, unsigned... Fs>
-std::vector<Sums> run_affine(unsigned flags, const BnGeom& geo, BnIO<T> io,
+std::vector<Sums> run_affine(unsigned flags, const BnGeom& geo, const BnIO<T>& io_all,
                              const std::vector<ChannelCoef<at::opmath_type<T>>>& k,
                              std::integer_sequence<unsigned, Fs...>) {
-  if (!(flags & (kG | kOutP))) flags &= ~kZ;  // the mask only scales g and p
-  if (!(flags & kU)) io.u = nullptr;
-  if (!(flags & kG)) io.g = nullptr;
-  if (!(flags & (kX | kY | kZ))) io.x = nullptr;
-  if (!(flags & kOutP)) io.p = nullptr;
-  if (!(flags & kOutQ)) io.q = nullptr;
+  flags = bn_loop_flags(flags);
+  const BnIO<T> io = bn_loop_io(flags, io_all);
   std::vector<Sums> sums;
   const bool compiled = ((flags == Fs && (sums = bn_pass(geo, io, AffinePass<Fs, T>{k}), true)) || ...);
-  TORCH_CHECK(compiled, "fastjac: no BatchNorm loop compiled for flags ", flags, " (add them to AffineFlags)");
+  TORCH_CHECK(compiled, "fastjac: no BatchNorm loop compiled for flags ", flags, " (add them to BnAffineFlags)");
   return sums;
 }
 
-// The common shape of the kernels: pass 1 sums the operands in `sum_flags` (none when 0); coef(c, sums) gives
-// the channel's (p, q) coefficients; pass 2 writes the outputs of `out_flags`. When `fused` (eval: the
-// coefficients do not depend on the sums) a single pass does both. With `relu`, both passes recompute the mask
-// from x with st.z (kZ). Returns the per-channel sums.
-template <typename T, typename CoefFn>
-std::vector<Sums> sums_then_affine(const BnGeom& geo, const BnIO<T>& io, const Stats& st, bool relu,
-                                   unsigned sum_flags, unsigned out_flags, bool fused, const CoefFn& coef) {
+// Per-channel inputs of a kernel, as double.
+struct ChannelArgs {
+  std::vector<double> gamma, p, q;  // weight (or 1); ggw, ggb (bn_dbwd) / tw, tb (bn_jvp) (or 0)
+};
+
+// The common shape of the kernels (csrc/common/batch_norm_element.h, BnPlan): pass 1 sums, per-channel
+// coefficients by bn_kernel_coef, pass 2 writes the outputs. With `relu` (kZ in the plan), both passes recompute
+// the mask from x with st.z. Returns the per-channel outputs (out0, out1) of bn_kernel_coef.
+template <typename T>
+std::vector<std::pair<double, double>> sums_then_affine(BnKind kind, const BnPlan& plan, const BnGeom& geo,
+                                                        const BnIO<T>& io, const Stats& st, const ChannelArgs& args,
+                                                        bool training) {
   using A = at::opmath_type<T>;
   std::vector<ChannelCoef<A>> k(geo.C);
   for (int64_t c = 0; c < geo.C; ++c) {
     k[c].mean = A(st.mean[c]), k[c].r = A(st.invstd[c]);
     if (!st.z.empty()) k[c].z = BnZ<A>{A(st.z[c].a), A(st.z[c].c)};
   }
-  TORCH_CHECK(!relu || !st.z.empty(), "fastjac: BatchNorm mask coefficients missing");
-  const unsigned mask = relu ? kZ : 0;
+  TORCH_CHECK(!((plan.out | plan.sum) & kZ) || st.z.size() == size_t(geo.C),
+              "fastjac: BatchNorm mask coefficients missing");
   std::vector<Sums> sums(geo.C);
-  out_flags |= mask;
-  if (sum_flags) sum_flags |= kSum | mask;
-  if (sum_flags && !fused) sums = run_affine(sum_flags, geo, io, k, AffineFlags{});
+  if (const unsigned first = bn_first_flags(plan)) sums = run_affine(first, geo, io, k, BnAffineFlags{});
+  auto coef = [&](int64_t c, const Sums& s) {
+    return bn_kernel_coef(kind, s, double(geo.count()), args.gamma[c], st.invstd[c], args.p[c], args.q[c],
+                          training);
+  };
   auto cast = [](const Affine& a) { return BnAffine<A>{A(a.cu), A(a.cg), A(a.cx), A(a.c0)}; };
   for (int64_t c = 0; c < geo.C; ++c) {
-    const std::pair<Affine, Affine> pq = coef(c, sums[c]);
-    k[c].p = cast(pq.first), k[c].q = cast(pq.second);
+    const BnKernelCoef<double> kc = coef(c, sums[c]);
+    k[c].p = cast(kc.p), k[c].q = cast(kc.q);
   }
-  std::vector<Sums> s2 = run_affine(fused ? sum_flags | out_flags : out_flags, geo, io, k, AffineFlags{});
-  return fused ? s2 : sums;
+  std::vector<Sums> s2 = run_affine(bn_second_flags(plan), geo, io, k, BnAffineFlags{});
+  if (plan.fused) sums = s2;
+  std::vector<std::pair<double, double>> out(geo.C);
+  for (int64_t c = 0; c < geo.C; ++c) {
+    const BnKernelCoef<double> kc = coef(c, sums[c]);
+    out[c] = {kc.out0, kc.out1};
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Arguments
-
-at::ScalarType stat_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_input(const Tensor& x, const char* op) {
-  check_float_cpu(x, op, "x");
-  TORCH_CHECK(x.dim() >= 2, op, ": expected x of shape N x C x ..., got ", x.sizes());
-}
-
-void check_channel(const Tensor& t, int64_t C, const char* op, const char* name) {
-  check_float_cpu(t, op, name);
-  TORCH_CHECK(t.numel() == C, op, ": expected ", name, " with ", C, " elements (one per channel), got shape ",
-              t.sizes());
-}
+// Arguments (checks of csrc/common/aten_utils.h)
 
 // Values of an optional per-channel vector (`fill` when absent).
-std::vector<double> channel_values(const OptTensor& t, int64_t C, double fill, const char* op, const char* name) {
-  if (!t.has_value()) return std::vector<double>(C, fill);
-  check_channel(*t, C, op, name);
+std::vector<double> channel_values(const OptTensor& t, const Tensor& x, double fill, const char* op,
+                                   const char* name) {
+  if (!t.has_value()) return std::vector<double>(x.size(1), fill);
+  bn_check_channel(*t, x, op, name);
   return Stats::to_vector(*t);
-}
-
-// Saved statistics of bn_bwd / bn_dbwd / bn_jvp.
-Stats saved_stats(const Tensor& x, const Tensor& mean, const Tensor& invstd, const char* op) {
-  auto check = [&](const Tensor& t, const char* name) {
-    check_channel(t, x.size(1), op, name);
-    TORCH_CHECK(t.scalar_type() == stat_dtype(x), op, ": expected ", name, " of dtype ", stat_dtype(x),
-                " for x of dtype ", x.scalar_type(), ", got ", t.scalar_type());
-  };
-  check(mean, "mean");
-  check(invstd, "invstd");
-  return Stats(mean, invstd);
 }
 
 // Statistics of bn_bwd / bn_dbwd / bn_jvp, with the mask coefficients when `relu` (bias is read only then).
 Stats saved_stats(const Tensor& x, const Tensor& mean, const Tensor& invstd, const std::vector<double>& gamma,
                   const OptTensor& bias, bool relu, const char* op) {
-  Stats st = saved_stats(x, mean, invstd, op);
-  if (relu) st.set_z(gamma, channel_values(bias, x.size(1), 0.0, op, "bias"));
+  bn_check_saved_stats(x, mean, invstd, op);
+  Stats st(mean, invstd);
+  if (relu) st.set_z(gamma, channel_values(bias, x, 0.0, op, "bias"));
   return st;
 }
 
 Tensor stat_tensor(const std::vector<double>& v, const Tensor& x) {
-  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(stat_dtype(x));
+  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(bn_stat_dtype(x));
 }
 
 template <typename T>
-const T* ptr(const Tensor& t) {
+T* ptr(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// One of the kernels after the forward: checks, then sums_then_affine with outputs p (gets `p_out`) and q.
+std::vector<std::pair<double, double>> after_forward(BnKind kind, const BnPlan& plan, const Tensor& x,
+                                                     const Tensor& g, const Tensor& u, const Tensor& p_out,
+                                                     const Tensor& q_out, const Tensor& mean, const Tensor& invstd,
+                                                     const OptTensor& weight, const OptTensor& bias,
+                                                     const OptTensor& p_in, const OptTensor& q_in, bool training,
+                                                     bool relu, const char* op, const char* p_name,
+                                                     const char* q_name) {
+  ChannelArgs args;
+  args.gamma = channel_values(weight, x, 1.0, op, "weight");
+  args.p = channel_values(p_in, x, 0.0, op, p_name);
+  args.q = channel_values(q_in, x, 0.0, op, q_name);
+  const Stats st = saved_stats(x, mean, invstd, args.gamma, bias, relu, op);
+  std::vector<std::pair<double, double>> out;
+  FASTJAC_DISPATCH(x.scalar_type(), "fastjac::bn_bwd/bn_dbwd/bn_jvp", [&] {
+    const BnIO<scalar_t> io{ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(u), ptr<scalar_t>(p_out),
+                            ptr<scalar_t>(q_out)};
+    out = sums_then_affine(kind, plan, BnGeom(x), io, st, args, training);
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -346,24 +272,19 @@ const T* ptr(const Tensor& t) {
 // bn_fwd: training batch statistics (biased var) and running-statistics update, or eval running statistics;
 // y = z = gamma xh + beta (as bn_z), or relu(z) when `relu` (the mask is not stored: later kernels recompute it).
 std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& weight, const OptTensor& bias,
-                                                  const OptTensor& running_mean, const OptTensor& running_var,
-                                                  bool training, double momentum, double eps, bool relu) {
+                                          const OptTensor& running_mean, const OptTensor& running_var,
+                                          bool training, double momentum, double eps, bool relu) {
   constexpr const char* op = "fastjac::bn_fwd";
-  check_input(x_, op);
+  bn_check_input(x_, at::Device(at::kCPU), op);
   const Tensor x = x_.contiguous();
   const BnGeom geo(x);
-  const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
-  const auto beta = channel_values(bias, geo.C, 0.0, op, "bias");
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
-              ": running_mean and running_var must be given together");
-  if (running_mean.has_value()) {
-    check_channel(*running_mean, geo.C, op, "running_mean");
-    check_channel(*running_var, geo.C, op, "running_var");
-  }
+  ChannelArgs args;
+  args.gamma = channel_values(weight, x, 1.0, op, "weight");
+  args.p = args.q = std::vector<double>(geo.C, 0.0);
+  const auto beta = channel_values(bias, x, 0.0, op, "bias");
+  bn_check_forward(x, geo.count(), running_mean, running_var, training, op);
   Tensor mean, invstd;
   if (training) {
-    TORCH_CHECK(geo.count() > 1, op, ": Expected more than 1 value per channel when training, got input size ",
-                x.sizes());
     std::vector<Moments> mom;
     FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
       BnIO<scalar_t> io;
@@ -374,26 +295,19 @@ std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& wei
     for (int64_t c = 0; c < geo.C; ++c) mu[c] = mom[c].mean, var[c] = mom[c].var();
     mean = stat_tensor(mu, x);
     const Tensor v = stat_tensor(var, x);
-    invstd = v.add(eps).rsqrt();
-    if (running_mean.has_value()) {  // exactly the reference's update, in the running statistics' dtype
-      const int64_t M = geo.count();
-      running_mean->mul_(1 - momentum).add_(mean.to(running_mean->scalar_type()).mul(momentum));
-      running_var->mul_(1 - momentum).add_(v.mul(M).div(M - 1).to(running_var->scalar_type()).mul(momentum));
-    }
+    invstd = bn_train_invstd(v, eps);
+    bn_update_running(running_mean, running_var, mean, v, geo.count(), momentum);
   } else {
-    TORCH_CHECK(running_mean.has_value(), op, ": running_mean and running_var are required when training=false");
-    mean = running_mean->to(stat_dtype(x), /*non_blocking=*/false, /*copy=*/true);
-    invstd = running_var->to(stat_dtype(x)).add(eps).rsqrt();
+    std::tie(mean, invstd) = bn_eval_stats(x, *running_mean, *running_var, eps);
   }
   const Tensor y = empty_output(x);
   Stats st(mean, invstd);
-  st.set_z(gamma, beta);
+  st.set_z(args.gamma, beta);
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
     BnIO<scalar_t> io;
     io.x = x.data_ptr<scalar_t>();
     io.p = y.data_ptr<scalar_t>();
-    sums_then_affine(geo, io, st, relu, 0, kOutP | kY, false,
-                     [&](int64_t, const Sums&) { return std::pair{Affine{}, Affine{}}; });
+    sums_then_affine(BnKind::kFwd, bn_fwd_plan(relu), geo, io, st, args, training);
   });
   return {y, mean, invstd};
 }
@@ -403,24 +317,13 @@ std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad, const Tensor& x_, 
                                           const Tensor& invstd, const OptTensor& weight, const OptTensor& bias,
                                           bool training, bool relu) {
   constexpr const char* op = "fastjac::bn_bwd";
-  check_input(x_, op);
+  bn_check_input(x_, at::Device(at::kCPU), op);
   check_like(grad, x_, op, "grad");
-  const Tensor x = x_.contiguous(), g = grad.contiguous();
-  const BnGeom geo(x);
-  const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
-  const Stats st = saved_stats(x, mean, invstd, gamma, bias, relu, op);
-  const Tensor gx = empty_output(x);
-  std::vector<Sums> sums;
-  FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
-    const BnIO<scalar_t> io{ptr<scalar_t>(x), ptr<scalar_t>(g), nullptr, nullptr, gx.data_ptr<scalar_t>()};
-    sums = sums_then_affine(geo, io, st, relu, kG | kX, kG | (training ? kX : 0) | kOutQ, !training,
-                            [&](int64_t c, const Sums& s) {
-                              const auto k = bn_bwd_coef(s, double(geo.count()), gamma[c], st.invstd[c], training);
-                              return std::pair{Affine{}, k.gx};
-                            });
-  });
-  std::vector<double> gw(geo.C), gb(geo.C);
-  for (int64_t c = 0; c < geo.C; ++c) gw[c] = sums[c].gx, gb[c] = sums[c].g;
+  const Tensor x = x_.contiguous(), g = grad.contiguous(), gx = empty_output(x);
+  const auto out = after_forward(BnKind::kBwd, bn_bwd_plan(training, relu), x, g, Tensor(), Tensor(), gx, mean,
+                                 invstd, weight, bias, std::nullopt, std::nullopt, training, relu, op, "", "");
+  std::vector<double> gw(x.size(1)), gb(x.size(1));
+  for (int64_t c = 0; c < x.size(1); ++c) gw[c] = out[c].first, gb[c] = out[c].second;
   return {gx, stat_tensor(gw, x), stat_tensor(gb, x)};
 }
 
@@ -430,36 +333,18 @@ std::tuple<Tensor, Tensor, Tensor> bn_dbwd(const OptTensor& ggx, const OptTensor
                                            const Tensor& invstd, const OptTensor& weight, const OptTensor& bias,
                                            bool training, bool relu) {
   constexpr const char* op = "fastjac::bn_dbwd";
-  check_input(x_, op);
+  bn_check_input(x_, at::Device(at::kCPU), op);
   check_like(grad, x_, op, "grad");
   if (ggx.has_value()) check_like(*ggx, x_, op, "ggx");
   const Tensor x = x_.contiguous(), g = grad.contiguous();
   const Tensor u = ggx.has_value() ? ggx->contiguous() : Tensor();
-  const BnGeom geo(x);
-  const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
-  const Stats st = saved_stats(x, mean, invstd, gamma, bias, relu, op);
-  const auto p = channel_values(ggw, geo.C, 0.0, op, "ggw");
-  const auto q = channel_values(ggb, geo.C, 0.0, op, "ggb");
-  const bool has_u = u.defined(), has_p = ggw.has_value(), has_gx = has_u || has_p;
-  const unsigned U = has_u ? kU : 0;
-  const unsigned sum_flags = training ? (has_gx ? kG | kX | U : 0) : (has_u ? kU | kG : 0);
-  const unsigned out_flags = kOutP | U | (has_p || (training && has_u) ? kX : 0) |
-                             (has_gx ? kOutQ | kG | (training ? kX | U : 0) : 0);
+  const bool has_gx = u.defined() || ggw.has_value();
   const Tensor ggrad = empty_output(x), gx = has_gx ? empty_output(x) : at::zeros_like(x);
-  auto coef = [&](int64_t c, const Sums& s) {
-    return bn_dbwd_coef(s, double(geo.count()), gamma[c], st.invstd[c], p[c], q[c], training);
-  };
-  std::vector<Sums> sums;
-  FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
-    const BnIO<scalar_t> io{ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(u), ggrad.data_ptr<scalar_t>(),
-                            gx.data_ptr<scalar_t>()};
-    sums = sums_then_affine(geo, io, st, relu, sum_flags, out_flags, !training, [&](int64_t c, const Sums& s) {
-      const auto k = coef(c, s);
-      return std::pair{k.ggrad, k.gx};
-    });
-  });
-  std::vector<double> gw(geo.C);
-  for (int64_t c = 0; c < geo.C; ++c) gw[c] = coef(c, sums[c]).gw;
+  const auto out = after_forward(BnKind::kDbwd, bn_dbwd_plan(training, relu, u.defined(), ggw.has_value()), x, g,
+                                 u, ggrad, gx, mean, invstd, weight, bias, ggw, ggb, training, relu, op, "ggw",
+                                 "ggb");
+  std::vector<double> gw(x.size(1));
+  for (int64_t c = 0; c < x.size(1); ++c) gw[c] = out[c].first;
   return {ggrad, gx, stat_tensor(gw, x)};
 }
 
@@ -468,26 +353,14 @@ std::tuple<Tensor, Tensor, Tensor> bn_dbwd(const OptTensor& ggx, const OptTensor
 Tensor bn_jvp(const OptTensor& tx, const OptTensor& tw, const OptTensor& tb, const Tensor& x_, const Tensor& mean,
               const Tensor& invstd, const OptTensor& weight, const OptTensor& bias, bool training, bool relu) {
   constexpr const char* op = "fastjac::bn_jvp";
-  check_input(x_, op);
+  bn_check_input(x_, at::Device(at::kCPU), op);
   if (tx.has_value()) check_like(*tx, x_, op, "tx");
   const Tensor x = x_.contiguous();
   const Tensor t = tx.has_value() ? tx->contiguous() : Tensor();
-  const BnGeom geo(x);
-  const auto gamma = channel_values(weight, geo.C, 1.0, op, "weight");
-  const Stats st = saved_stats(x, mean, invstd, gamma, bias, relu, op);
-  const auto dw = channel_values(tw, geo.C, 0.0, op, "tw");
-  const auto db = channel_values(tb, geo.C, 0.0, op, "tb");
-  const bool has_t = t.defined();
-  const unsigned sum_flags = training && has_t ? kU | kX : 0;
-  const unsigned out_flags = kOutP | (has_t ? kU : 0) | (tw.has_value() || (training && has_t) ? kX : 0);
-  const Tensor out = empty_output(x);
-  FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
-    const BnIO<scalar_t> io{ptr<scalar_t>(x), nullptr, ptr<scalar_t>(t), out.data_ptr<scalar_t>(), nullptr};
-    sums_then_affine(geo, io, st, relu, sum_flags, out_flags, false, [&](int64_t c, const Sums& s) {
-      return std::pair{bn_jvp_coef(s, double(geo.count()), gamma[c], st.invstd[c], dw[c], db[c], training), Affine{}};
-    });
-  });
-  return out;
+  const Tensor y_dot = empty_output(x);
+  after_forward(BnKind::kJvp, bn_jvp_plan(training, relu, t.defined(), tw.has_value()), x, Tensor(), t, y_dot,
+                Tensor(), mean, invstd, weight, bias, tw, tb, training, relu, op, "tw", "tb");
+  return y_dot;
 }
 
 }  // namespace

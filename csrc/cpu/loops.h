@@ -20,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/aten_utils.h"
 #include "../common/bitmask.h"
 
 #ifdef __linux__
@@ -37,11 +38,6 @@ constexpr int64_t kSegment = 512;          // ... else blocks of channels spanni
 constexpr int64_t kFlushRows = 64;         // ... whose float per-position sums are flushed to double this often
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Dtypes of every kernel; inside, scalar_t is the element type and at::opmath_type<scalar_t> the compute type
-// (float for float32 / float16 / bfloat16, double for float64).
-#define FASTJAC_DISPATCH(dtype, op, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, op, __VA_ARGS__)
 
 // `#pragma omp simd` usable inside macro arguments (e.g. the lambdas of FASTJAC_DISPATCH).
 #define FASTJAC_OMP_SIMD _Pragma("omp simd")
@@ -227,28 +223,10 @@ std::vector<typename K::Acc> bn_pass(const BnGeom& geo, const BnIO<typename K::T
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Argument checks
+// Argument checks (csrc/common/aten_utils.h)
 
 inline void check_float_cpu(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected ", name,
-              " to be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-}
-
-// `t` must have x's shape and dtype.
-inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": expected ", name, " of shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": expected ", name, " of dtype ", x.scalar_type(),
-              ", got ", t.scalar_type());
-}
-
-// A packed mask for `numel` elements.
-inline void check_mask(const at::Tensor& mask, int64_t numel, const char* op) {
-  TORCH_CHECK(mask.device().is_cpu(), op, ": expected mask on the CPU, got ", mask.device());
-  TORCH_CHECK(mask.scalar_type() == at::kByte, op, ": expected mask of dtype uint8, got ", mask.scalar_type());
-  TORCH_CHECK(mask.numel() == mask_bytes(numel), op, ": expected a packed mask of ", mask_bytes(numel),
-              " bytes for ", numel, " elements, got ", mask.numel());
+  check_float(t, at::Device(at::kCPU), op, name);
 }
 
 }  // namespace fastjac::cpu

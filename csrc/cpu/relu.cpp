@@ -3,6 +3,7 @@
 
 #include <tuple>
 
+#include "../common/relu.h"
 #include "loops.h"
 
 namespace fastjac::cpu {
@@ -24,7 +25,7 @@ std::tuple<Tensor, Tensor> relu_fwd(const Tensor& x_) {
       const scalar_t* __restrict__ xs = xp + i0;
       scalar_t* __restrict__ ys = yp + i0;
 FASTJAC_OMP_SIMD
-      for (int64_t j = 0; j < len; ++j) ys[j] = static_cast<A>(xs[j]) > A(0) ? xs[j] : scalar_t(0);
+      for (int64_t j = 0; j < len; ++j) ys[j] = relu_select(relu_on(static_cast<A>(xs[j])), xs[j]);
       pack_positive(xs, i0, len, mp, /*shared=*/false);
     });
   });
@@ -34,7 +35,7 @@ FASTJAC_OMP_SIMD
 // relu_bwd: g * m (a selection: masked elements are 0 even where g is not finite).
 Tensor relu_bwd(const Tensor& grad, const Tensor& mask_) {
   check_float_cpu(grad, "fastjac::relu_bwd", "grad");
-  check_mask(mask_, grad.numel(), "fastjac::relu_bwd");
+  check_mask(mask_, grad.numel(), grad.device(), "fastjac::relu_bwd");
   const Tensor g = grad.contiguous(), mask = mask_.contiguous(), out = empty_output(g);
   FASTJAC_DISPATCH(g.scalar_type(), "fastjac::relu_bwd", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -47,7 +48,7 @@ Tensor relu_bwd(const Tensor& grad, const Tensor& mask_) {
       const scalar_t* __restrict__ gs = gp + i0;
       scalar_t* __restrict__ os = op + i0;
 FASTJAC_OMP_SIMD
-      for (int64_t j = 0; j < len; ++j) os[j] = m[j] != A(0) ? gs[j] : scalar_t(0);
+      for (int64_t j = 0; j < len; ++j) os[j] = relu_select(m[j] != A(0), gs[j]);
     });
   });
   return out;

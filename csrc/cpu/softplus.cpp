@@ -42,8 +42,8 @@ Tensor softplus_bwd(const Tensor& grad, const Tensor& x_, double beta, double th
     scalar_t* outp = out.data_ptr<scalar_t>();
     parallel_chunks(x.numel(), [&](int64_t i0, int64_t len) {
       for (int64_t i = i0; i < i0 + len; ++i)
-        outp[i] = static_cast<scalar_t>(static_cast<A>(gp[i]) *
-                                        softplus_d1(static_cast<A>(xp[i]), A(beta), A(threshold)));
+        outp[i] = static_cast<scalar_t>(
+            softplus_grad(static_cast<A>(gp[i]), static_cast<A>(xp[i]), A(beta), A(threshold)));
     });
   });
   return out;
@@ -67,11 +67,11 @@ std::tuple<Tensor, Tensor> softplus_dbwd(const Tensor& ggrad, const Tensor& grad
     scalar_t* oxp = out_x.data_ptr<scalar_t>();
     parallel_chunks(x.numel(), [&](int64_t i0, int64_t len) {
       for (int64_t i = i0; i < i0 + len; ++i) {
-        A d1, d2;
-        softplus_d1_d2(static_cast<A>(xp[i]), A(beta), A(threshold), d1, d2);
-        const A ggi = static_cast<A>(ggp[i]);
-        ogp[i] = static_cast<scalar_t>(ggi * d1);
-        oxp[i] = static_cast<scalar_t>(ggi * static_cast<A>(gp[i]) * d2);
+        A og, ox;
+        softplus_dgrad(static_cast<A>(ggp[i]), static_cast<A>(gp[i]), static_cast<A>(xp[i]), A(beta),
+                       A(threshold), og, ox);
+        ogp[i] = static_cast<scalar_t>(og);
+        oxp[i] = static_cast<scalar_t>(ox);
       }
     });
   });

@@ -1,0 +1,73 @@
+// Shared machinery of the CUDA kernels: launches on the current stream, a 64-bit grid-stride elementwise loop and a
+// deterministic block reduction. The arithmetic itself lives in csrc/common/. The stream is
+// c10::cuda::getCurrentCUDAStream (what at::cuda::getCurrentCUDAStream forwards to), so that no header here needs
+// the cuBLAS / cuSPARSE headers of ATen/cuda/CUDAContext.h, which the toolkit of the CI machines lacks.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../common/aten_utils.h"
+
+namespace fastjac::cuda {
+
+constexpr int kThreads = 256;            // threads per block of every kernel
+constexpr int64_t kMaxGridX = 1 << 16;  // blocks of a grid-stride loop
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// f(i) for every i in [0, n): 64-bit indices, blocks of kThreads, grid-stride. Every warp sees the same trip
+// count and whole warps of consecutive i (i - lane is a multiple of 32), so f may use warp intrinsics.
+template <typename F>
+__global__ void __launch_bounds__(kThreads) elementwise_kernel(int64_t n, const F f) {
+  const int64_t stride = int64_t(blockDim.x) * gridDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
+}
+
+template <typename F>
+void launch_elementwise(int64_t n, const F& f) {
+  if (n <= 0) return;
+  const auto blocks = static_cast<unsigned>(std::min(ceil_div(n, kThreads), kMaxGridX));
+  elementwise_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(n, f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Merges the values of the threads of a column (same threadIdx.x, all threadIdx.y; blockDim.y a power of two)
+// in a fixed tree order, so the result does not depend on timing; returns the column's total (in every thread
+// of the column). Acc has merge(const Acc&). Every thread of the block must call it.
+template <typename Acc>
+__device__ Acc reduce_over_y(const Acc& value) {
+  __shared__ alignas(16) unsigned char raw[kThreads * sizeof(Acc)];
+  Acc* sm = reinterpret_cast<Acc*>(raw);
+  const int tx = threadIdx.x, nx = blockDim.x;
+  sm[threadIdx.y * nx + tx] = value;
+  __syncthreads();
+  for (int h = blockDim.y / 2; h > 0; h >>= 1) {
+    if (int(threadIdx.y) < h) sm[threadIdx.y * nx + tx].merge(sm[(threadIdx.y + h) * nx + tx]);
+    __syncthreads();
+  }
+  const Acc total = sm[tx];
+  __syncthreads();  // sm may be reused by the caller's next reduction
+  return total;
+}
+
+// Raw device memory for `count` objects of type P, owned by the returned tensor (the caching allocator keeps it
+// alive for the kernels queued on the current stream).
+template <typename P>
+at::Tensor scratch(int64_t count, const at::Tensor& like) {
+  return at::empty({std::max<int64_t>(1, count) * int64_t(sizeof(P))}, like.options().dtype(at::kByte));
+}
+template <typename P>
+P* scratch_ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<P*>(t.data_ptr<uint8_t>()) : nullptr;
+}
+
+}  // namespace fastjac::cuda
