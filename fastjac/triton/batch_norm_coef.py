@@ -60,7 +60,8 @@ def bwd_coef(s: torch.Tensor, count: int, gamma, r, training: bool):
         gx = _affine(cg=gr, cx=-gr * s[:, SGX] / count, c0=-gr * s[:, SG] / count, like=r)
     else:
         gx = _affine(cg=gr, like=r)
-    return gx, s[:, SGX], s[:, SG]
+    own = torch.contiguous_format  # fresh tensors: outputs of a custom op must not alias each other
+    return gx, s[:, SGX].clone(memory_format=own), s[:, SG].clone(memory_format=own)
 
 
 def dbwd_coef(s: torch.Tensor, count: int, gamma, r, p, q, training: bool):
