@@ -78,19 +78,22 @@ def _triton_interpreted() -> bool:
     return table is not None and table.INTERPRETED
 
 
+_AVAILABLE = {
+    "reference": lambda: True,
+    "cpu": lambda: _C is not None,
+    "cuda": lambda: _cuda_compiled() and torch.cuda.is_available(),
+    "cuda_compiled": _cuda_compiled,
+    "triton": lambda: _triton_kernels() is not None,
+}
+
+
 def backends() -> dict[str, bool]:
     """Which backends can run here: ``{"reference": True, "cpu": ..., "cuda": ..., "triton": ...}``.
 
     ``cuda`` needs the extension compiled with CUDA *and* a usable GPU; ``cuda_compiled`` reports the
     former alone.
     """
-    return {
-        "reference": True,
-        "cpu": _C is not None,
-        "cuda": _cuda_compiled() and torch.cuda.is_available(),
-        "cuda_compiled": _cuda_compiled(),
-        "triton": _triton_kernels() is not None,
-    }
+    return {name: bool(check()) for name, check in _AVAILABLE.items()}
 
 
 def _validate_choice(name: str, source: str) -> str:
@@ -137,17 +140,17 @@ def _unavailable(name: str, device: torch.device) -> RuntimeError:
 
 def backend_name(device: torch.device) -> str:
     """The backend that serves tensors on ``device`` under the current choice."""
-    available = backends()
+    available = {name: check for name, check in _AVAILABLE.items()}  # checked lazily: CPU needs no triton
     if _forced == "auto":
         if device.type == "cpu":
-            return "cpu" if available["cpu"] else "reference"
+            return "cpu" if available["cpu"]() else "reference"
         if device.type == "cuda":
-            if available["cuda"]:
+            if available["cuda"]():
                 return "cuda"
-            return "triton" if available["triton"] else "reference"
+            return "triton" if available["triton"]() else "reference"
         return "reference"
     name = _forced
-    if not available[name]:
+    if not available[name]():
         raise _unavailable(name, device)
     if name == "cpu" and device.type != "cpu":
         raise RuntimeError(f"fastjac backend 'cpu' runs CPU tensors only; got a tensor on {device}")

@@ -175,7 +175,7 @@ def test_bn_half(kb, shape, dtype, training, relu):
     check_bn_backward(kb.ops, case, training, relu, dtype, subsets=FAST_SUBSETS if kb.fast else None)
 
 
-@per_backend("dtype,training,relu", [(d, t, r) for d in FLOATS for t, r in [(True, False), (True, True), (False, True)]])
+@per_backend("dtype,training,relu", [(d, *m) for d in FLOATS for m in [(True, False), (True, True), (False, True)]])
 def test_bn_constant_channel(kb, dtype, training, relu):
     case = bn_case((4, 3, 5, 6), dtype, True, training, relu, kb.device, constant_channel=True)
     check_bn_forward(kb.ops, case, training, relu, dtype)

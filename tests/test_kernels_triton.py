@@ -43,12 +43,19 @@ def test_relu_and_softplus_several_blocks(kb, small_blocks, numel):
 
 # (3, 2, 5, 7): M = 105 per channel = 4 chunks (the last one partial) of 2 loop steps; numel 210 = 4 blocks.
 # (70, 3): 1-D, channel elements strided by C, M = 70 = 3 chunks.
-# Every subset of optional inputs in one case; the two extreme subsets in the others.
-@per_backend("shape,dtype,training,relu,subsets",
-             [((3, 2, 5, 7), torch.float32, True, True, None), ((3, 2, 5, 7), torch.float32, False, False, "few"),
-              ((3, 2, 5, 7), torch.float64, True, False, "few"), ((70, 3), torch.float32, True, True, "few")],
+# Every subset of optional inputs in one case; the two extreme subsets in the others; one with 64-bit index math.
+@per_backend("shape,dtype,training,relu,subsets,idx64",
+             [((3, 2, 5, 7), torch.float32, True, True, None, False),
+              ((3, 2, 5, 7), torch.float32, False, False, "few", False),
+              ((3, 2, 5, 7), torch.float64, True, False, "few", False),
+              ((70, 3), torch.float32, True, True, "few", False),
+              ((3, 2, 5, 7), torch.float32, True, True, "few", True)],
              backends=TRITON)
-def test_bn_several_blocks_and_chunks(kb, small_blocks, shape, dtype, training, relu, subsets):
+def test_bn_several_blocks_and_chunks(kb, small_blocks, monkeypatch, shape, dtype, training, relu, subsets, idx64):
+    if idx64:  # the path of tensors with 2**31 elements or more (divisions in int64)
+        from fastjac.triton import _launch
+
+        monkeypatch.setattr(_launch, "index32", lambda x: False)
     case = bn_case(shape, dtype, True, training, relu, kb.device)
     check_bn_forward(kb.ops, case, training, relu, dtype)
     check_bn_backward(kb.ops, case, training, relu, dtype,

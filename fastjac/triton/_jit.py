@@ -22,15 +22,23 @@ def select(on, v):
 
 
 @triton.jit
-def channel_of(offs, S, C):
-    """Channel index of flat element offsets of an ``N x C x S`` tensor."""
-    return (offs // S) % C
+def channel_of(offs, S, C, IDX32: tl.constexpr):
+    """Channel index of flat element offsets of an ``N x C x S`` tensor. The division runs in int32 when
+    ``IDX32`` (the whole tensor has fewer than 2**31 elements; 64-bit division is many instructions on a GPU)."""
+    q = offs
+    if IDX32:
+        q = offs.to(tl.int32)
+    return (q // S) % C
 
 
 @triton.jit
-def channel_offsets(j, c, S, CS):
-    """Flat offsets of the elements ``j`` (in ``[0, N S)``, int64) of channel ``c`` of an ``N x C x S`` tensor."""
-    return (j // S) * CS + c * S + j % S
+def channel_offsets(j, c, S, CS, IDX32: tl.constexpr):
+    """int64 flat offsets of the elements ``j`` (in ``[0, N S)``) of channel ``c`` of an ``N x C x S`` tensor
+    (``IDX32`` as in :func:`channel_of`)."""
+    q = j
+    if IDX32:
+        q = j.to(tl.int32)
+    return (q // S).to(tl.int64) * CS + c * S + (q % S)
 
 
 @triton.jit

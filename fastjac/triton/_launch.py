@@ -28,6 +28,11 @@ def acc_type(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+def index32(x: torch.Tensor) -> bool:
+    """Whether element indices of ``x`` fit in int32 (cheaper divisions; offsets stay int64 regardless)."""
+    return x.numel() + max(BLOCK, REDUCE_CHUNK) < 2**31
+
+
 def stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 

@@ -24,7 +24,8 @@ from ._jit import block_offsets, bn_z, channel_of, channel_offsets, relu_on, sel
 
 
 @triton.jit
-def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, IDX32: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """Partial ``(count, mean, M2)`` of elements ``[p CHUNK, (p + 1) CHUNK)`` of channel ``c`` (grid ``C x P``)."""
     c = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
@@ -35,7 +36,7 @@ def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, ACC: tl.constexpr, BLOC
     for j0 in range(0, CHUNK, BLOCK):
         j = p * CHUNK + j0 + lane
         inside = j < M
-        x = tl.load(x_ptr + channel_offsets(j, c, S, CS), mask=inside, other=0).to(ACC)
+        x = tl.load(x_ptr + channel_offsets(j, c, S, CS, IDX32), mask=inside, other=0).to(ACC)
         n += inside.to(ACC)
         d = x - mean
         mean += tl.where(inside, d / tl.maximum(n, 1.0), 0.0)
@@ -50,12 +51,12 @@ def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, ACC: tl.constexpr, BLOC
 
 
 @triton.jit
-def _bn_fwd_kernel(x_ptr, za_ptr, zc_ptr, y_ptr, numel, S, C, RELU: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def _bn_fwd_kernel(x_ptr, za_ptr, zc_ptr, y_ptr, numel, S, C, RELU: tl.constexpr, IDX32: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK: tl.constexpr):
     """``y = z = a x + c`` or ``relu(z)`` (a selection by ``relu_on(z)``)."""
     offs = block_offsets(BLOCK)
     inside = offs < numel
-    c = channel_of(offs, S, C)
+    c = channel_of(offs, S, C, IDX32)
     x = tl.load(x_ptr + offs, mask=inside, other=0).to(ACC)
     z = bn_z(tl.load(za_ptr + c, mask=inside, other=0), x, tl.load(zc_ptr + c, mask=inside, other=0))
     if RELU:
@@ -74,8 +75,8 @@ def _masked_grad(g_ptr, offs, inside, x, za, zc, RELU: tl.constexpr, ACC: tl.con
 
 @triton.jit
 def _bn_sums_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, za_ptr, zc_ptr, part_ptr, S, CS, M, CHUNK,
-                    HAS_G: tl.constexpr, HAS_U: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    HAS_G: tl.constexpr, HAS_U: tl.constexpr, RELU: tl.constexpr, IDX32: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1: partial ``(Su, Sux, Sg~, Sg~xh, Sug~)`` of one chunk of channel ``c`` (grid ``C x P``; absent
     operands contribute zeros)."""
     c = tl.program_id(0).to(tl.int64)
@@ -93,7 +94,7 @@ def _bn_sums_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, za_ptr, zc_ptr, p
     for j0 in range(0, CHUNK, BLOCK):
         j = p * CHUNK + j0 + lane
         inside = j < M
-        offs = channel_offsets(j, c, S, CS)
+        offs = channel_offsets(j, c, S, CS, IDX32)
         x = tl.load(x_ptr + offs, mask=inside, other=0).to(ACC)
         xh = (x - mean) * r
         if HAS_G:
@@ -129,13 +130,13 @@ def _affine_at(k_ptr, c, inside, u, g, xh, HAS_G: tl.constexpr, HAS_U: tl.conste
 @triton.jit
 def _bn_affine_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, za_ptr, zc_ptr, k1_ptr, k2_ptr, out1_ptr,
                       out2_ptr, numel, S, C, HAS_G: tl.constexpr, HAS_U: tl.constexpr, G_IN_OUT1: tl.constexpr,
-                      RELU: tl.constexpr, MASK_OUT1: tl.constexpr, TWO: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      RELU: tl.constexpr, MASK_OUT1: tl.constexpr, TWO: tl.constexpr, IDX32: tl.constexpr,
+                      ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 2: ``out1 = [m *] affine(k1)`` (reading ``g~`` only when ``G_IN_OUT1``: bn_dbwd's ``ggrad`` has no
     ``g~`` term) and, when ``TWO``, ``out2 = affine(k2)``; ``m`` is recomputed when ``RELU``."""
     offs = block_offsets(BLOCK)
     inside = offs < numel
-    c = channel_of(offs, S, C)
+    c = channel_of(offs, S, C, IDX32)
     x = tl.load(x_ptr + offs, mask=inside, other=0).to(ACC)
     xh = (x - tl.load(mean_ptr + c, mask=inside, other=0).to(ACC)) * tl.load(invstd_ptr + c, mask=inside,
                                                                             other=0).to(ACC)
@@ -170,6 +171,7 @@ class _Channels:
             self.S *= d
         self.M = x.shape[0] * self.S
         self.acc = _launch.acc_type(x)
+        self.idx32 = _launch.index32(x)
         self.stat = _launch.stat_dtype(x)
         self.mean, self.invstd = mean.contiguous(), invstd.contiguous()
         self.r = invstd.to(torch.float64)
@@ -188,8 +190,8 @@ class _Channels:
         with _launch.device_guard(x):
             _bn_sums_kernel[(C, parts.shape[1])](
                 x, x if g is None else g, x if u is None else u, self.mean, self.invstd, self.za, self.zc, parts,
-                self.S, C * self.S, M, chunk, HAS_G=g is not None, HAS_U=u is not None, RELU=relu, ACC=self.acc,
-                BLOCK=block)
+                self.S, C * self.S, M, chunk, HAS_G=g is not None, HAS_U=u is not None, RELU=relu,
+                IDX32=self.idx32, ACC=self.acc, BLOCK=block)
         return parts.to(torch.float64).sum(1)
 
     def affine(self, g, u, k1, k2, relu, mask_out1):
@@ -205,8 +207,8 @@ class _Channels:
                 _bn_affine_kernel[(triton.cdiv(x.numel(), _launch.BLOCK),)](
                     x, x if g is None else g, x if u is None else u, self.mean, self.invstd, self.za, self.zc, k1,
                     k2, out1, out2, x.numel(), self.S, self.C, HAS_G=g is not None, HAS_U=u is not None,
-                    G_IN_OUT1=g is not None and not two, RELU=relu, MASK_OUT1=mask_out1, TWO=two, ACC=self.acc,
-                    BLOCK=_launch.BLOCK)
+                    G_IN_OUT1=g is not None and not two, RELU=relu, MASK_OUT1=mask_out1, TWO=two,
+                    IDX32=self.idx32, ACC=self.acc, BLOCK=_launch.BLOCK)
         return (out1, out2) if two else out1
 
 
@@ -216,8 +218,8 @@ def _moments(x, C, S, M):
     chunk = min(_launch.REDUCE_CHUNK, triton.cdiv(M, block) * block)
     parts = torch.empty((C, triton.cdiv(M, chunk), 3), dtype=_launch.stat_dtype(x), device=x.device)
     with _launch.device_guard(x):
-        _bn_moments_kernel[(C, parts.shape[1])](x, parts, S, C * S, M, chunk, ACC=_launch.acc_type(x),
-                                                 BLOCK=block)
+        _bn_moments_kernel[(C, parts.shape[1])](x, parts, S, C * S, M, chunk, IDX32=_launch.index32(x),
+                                                 ACC=_launch.acc_type(x), BLOCK=block)
     return coef.moments(parts)
 
 
@@ -265,7 +267,7 @@ def bn_fwd(x, weight, bias, running_mean, running_var, training: bool, momentum:
     if x.numel():
         with _launch.device_guard(x):
             _bn_fwd_kernel[(triton.cdiv(x.numel(), _launch.BLOCK),)](
-                x, ch.za, ch.zc, y, x.numel(), ch.S, C, RELU=relu, ACC=ch.acc, BLOCK=_launch.BLOCK)
+                x, ch.za, ch.zc, y, x.numel(), ch.S, C, RELU=relu, IDX32=ch.idx32, ACC=ch.acc, BLOCK=_launch.BLOCK)
     return y, mean, invstd
 
 
