@@ -20,9 +20,11 @@ pytestmark = pytest.mark.skipif(not TRITON, reason="the Triton backend is not us
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 64 elements (8 mask bytes), reductions of 16 lanes over chunks of 32 elements per program."""
+    """Blocks of 64 elements (8 mask bytes), reductions of 16 lanes over chunks of 32 elements per program,
+    per-channel kernels over 2 channels per program."""
     from fastjac.triton import _launch
 
+    monkeypatch.setattr(_launch, "CHANNEL_BLOCK", 2)
     monkeypatch.setattr(_launch, "BLOCK", 64)
     monkeypatch.setattr(_launch, "REDUCE_BLOCK", 16)
     monkeypatch.setattr(_launch, "REDUCE_CHUNK", 32)
@@ -42,7 +44,7 @@ def test_relu_and_softplus_several_blocks(kb, small_blocks, numel):
 
 
 # (3, 2, 5, 7): M = 105 per channel = 4 chunks (the last one partial) of 2 loop steps; numel 210 = 4 blocks.
-# (70, 3): 1-D, channel elements strided by C, M = 70 = 3 chunks.
+# (70, 3): 1-D, channel elements strided by C, M = 70 = 3 chunks; 3 channels = 2 programs of the per-channel kernels.
 # Every subset of optional inputs in one case; the two extreme subsets in the others; one with 64-bit index math.
 @per_backend("shape,dtype,training,relu,subsets,idx64",
              [((3, 2, 5, 7), torch.float32, True, True, None, False),

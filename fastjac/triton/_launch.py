@@ -19,6 +19,7 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 BLOCK = 1024  # elements per program of the element-wise kernels (a power of 2, a multiple of 8)
 REDUCE_BLOCK = 1024  # lanes of the per-channel reductions (a power of 2)
 REDUCE_CHUNK = 32 * 1024  # elements of one channel per reduction program (a multiple of REDUCE_BLOCK)
+CHANNEL_BLOCK = 128  # channels per program of the per-channel kernels (statistics, coefficients)
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

@@ -1,16 +1,19 @@
 """Triton BatchNorm (+ fused ReLU) kernels: ``bn_fwd``, ``bn_bwd``, ``bn_dbwd``, ``bn_jvp`` of csrc/KERNELS.md.
 
-Inputs are ``N x C x S`` (S = prod(spatial)), reduced per channel over ``M = N S`` elements. Structure:
+Inputs are ``N x C x S`` (S = prod(spatial)), reduced per channel over ``M = N S`` elements. Launches per call:
 
-- forward (training): per-channel moments (one read: per-lane Welford updates, lanes and programs merged with
-  Chan et al.'s formula), then ``y = z = a x + c`` or ``relu(z)`` (``a``, ``c`` from :mod:`.batch_norm_coef`);
-  running statistics updated in place exactly once, on the host side of the launch, with the unbiased variance;
-- every later kernel: pass 1 per-channel sums (:func:`_bn_sums_kernel`), coefficients on C-vectors
-  (:mod:`.batch_norm_coef`), pass 2 one affine combination per element (:func:`_bn_affine_kernel`).
+- ``bn_fwd``: training per-channel moments (:func:`_bn_moments_kernel`: one read, per-lane Welford updates, lanes
+  merged with Chan et al.'s formula), then :func:`.batch_norm_coef.bn_stats_kernel` (partials merged, ``mean``,
+  ``invstd``, running statistics updated in place exactly once with the unbiased variance, or the running
+  statistics in eval), then ``y = z = a x + c`` or ``relu(z)`` (:func:`_bn_fwd_kernel`);
+- every later kernel: pass 1 per-channel sums (:func:`_bn_sums_kernel`), per-channel coefficients
+  (:func:`.batch_norm_coef.bn_coef_kernel`, the formulas of ``csrc/common/batch_norm.h``), pass 2 one affine
+  combination per element (:func:`_bn_affine_kernel`).
 
 Reductions are deterministic: each channel is split into fixed chunks (``_launch.REDUCE_CHUNK``) reduced by one
-program each into a ``C x P`` buffer, summed on the host in a fixed order; no atomics. With ``relu`` the mask
-``m = z > 0`` is recomputed in every kernel from x, mean, invstd, weight and bias with ``bn_z`` / ``relu_on``.
+program each into a ``C x P`` buffer whose partials the per-channel kernels add in order; no atomics. With
+``relu`` the mask ``m = z > 0`` is recomputed in every kernel from x, mean, invstd, weight and bias with the same
+``z_coef``, ``bn_z`` and ``relu_on``, so it is the forward's ``y > 0`` bit for bit.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from . import batch_norm_coef as coef
+from .batch_norm_coef import BWD, DBWD, JVP, K_COLUMNS, bn_coef_kernel, bn_stats_kernel, channel_z
 from ._jit import block_offsets, bn_z, channel_of, channel_offsets, relu_on, select
 
 
@@ -51,14 +54,14 @@ def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, IDX32: tl.constexpr, AC
 
 
 @triton.jit
-def _bn_fwd_kernel(x_ptr, za_ptr, zc_ptr, y_ptr, numel, S, C, RELU: tl.constexpr, IDX32: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """``y = z = a x + c`` or ``relu(z)`` (a selection by ``relu_on(z)``)."""
+def _bn_fwd_kernel(x_ptr, k_ptr, y_ptr, numel, S, C, RELU: tl.constexpr, IDX32: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """``y = z = a x + c`` or ``relu(z)`` (a selection by ``relu_on(z)``), ``(a, c)`` from the coefficient table."""
     offs = block_offsets(BLOCK)
     inside = offs < numel
-    c = channel_of(offs, S, C, IDX32)
+    k = k_ptr + channel_of(offs, S, C, IDX32) * 10
     x = tl.load(x_ptr + offs, mask=inside, other=0).to(ACC)
-    z = bn_z(tl.load(za_ptr + c, mask=inside, other=0), x, tl.load(zc_ptr + c, mask=inside, other=0))
+    z = bn_z(tl.load(k + 8, mask=inside, other=0), x, tl.load(k + 9, mask=inside, other=0))
     if RELU:
         z = select(relu_on(z, y_ptr.dtype.element_ty), z)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=inside)
@@ -74,9 +77,9 @@ def _masked_grad(g_ptr, offs, inside, x, za, zc, RELU: tl.constexpr, ACC: tl.con
 
 
 @triton.jit
-def _bn_sums_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, za_ptr, zc_ptr, part_ptr, S, CS, M, CHUNK,
-                    HAS_G: tl.constexpr, HAS_U: tl.constexpr, RELU: tl.constexpr, IDX32: tl.constexpr,
-                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _bn_sums_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, part_ptr, S, CS, M, CHUNK,
+                    HAS_G: tl.constexpr, HAS_U: tl.constexpr, RELU: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, IDX32: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1: partial ``(Su, Sux, Sg~, Sg~xh, Sug~)`` of one chunk of channel ``c`` (grid ``C x P``; absent
     operands contribute zeros)."""
     c = tl.program_id(0).to(tl.int64)
@@ -84,8 +87,8 @@ def _bn_sums_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, za_ptr, zc_ptr, p
     lane = tl.arange(0, BLOCK)
     mean = tl.load(mean_ptr + c).to(ACC)
     r = tl.load(invstd_ptr + c).to(ACC)
-    za = tl.load(za_ptr + c).to(ACC)
-    zc = tl.load(zc_ptr + c).to(ACC)
+    cv = tl.full([BLOCK], 0, tl.int64) + c  # the channel in every lane: its (a, c) as in bn_coef_kernel
+    za, zc = channel_z(mean_ptr, invstd_ptr, w_ptr, b_ptr, cv, cv >= 0, HAS_W, HAS_B, ACC)
     s_u = tl.zeros([BLOCK], ACC)
     s_ux = tl.zeros([BLOCK], ACC)
     s_g = tl.zeros([BLOCK], ACC)
@@ -116,9 +119,8 @@ def _bn_sums_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, za_ptr, zc_ptr, p
 
 
 @triton.jit
-def _affine_at(k_ptr, c, inside, u, g, xh, HAS_G: tl.constexpr, HAS_U: tl.constexpr):
-    """``cu u + cg g~ + cx xh + c0`` with the channel's coefficients ``k[c] = (cu, cg, cx, c0)``."""
-    k = k_ptr + c * 4
+def _affine_at(k, inside, u, g, xh, HAS_G: tl.constexpr, HAS_U: tl.constexpr):
+    """``cu u + cg g~ + cx xh + c0`` with the coefficients ``(cu, cg, cx, c0)`` at ``k`` (per element)."""
     v = tl.load(k + 2, mask=inside, other=0) * xh + tl.load(k + 3, mask=inside, other=0)
     if HAS_G:
         v += tl.load(k + 1, mask=inside, other=0) * g
@@ -128,15 +130,16 @@ def _affine_at(k_ptr, c, inside, u, g, xh, HAS_G: tl.constexpr, HAS_U: tl.conste
 
 
 @triton.jit
-def _bn_affine_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, za_ptr, zc_ptr, k1_ptr, k2_ptr, out1_ptr,
-                      out2_ptr, numel, S, C, HAS_G: tl.constexpr, HAS_U: tl.constexpr, G_IN_OUT1: tl.constexpr,
-                      RELU: tl.constexpr, MASK_OUT1: tl.constexpr, TWO: tl.constexpr, IDX32: tl.constexpr,
-                      ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _bn_affine_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, k_ptr, out1_ptr, out2_ptr, numel, S, C,
+                      HAS_G: tl.constexpr, HAS_U: tl.constexpr, G_IN_OUT1: tl.constexpr, RELU: tl.constexpr,
+                      MASK_OUT1: tl.constexpr, TWO: tl.constexpr, IDX32: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK: tl.constexpr):
     """Pass 2: ``out1 = [m *] affine(k1)`` (reading ``g~`` only when ``G_IN_OUT1``: bn_dbwd's ``ggrad`` has no
     ``g~`` term) and, when ``TWO``, ``out2 = affine(k2)``; ``m`` is recomputed when ``RELU``."""
     offs = block_offsets(BLOCK)
     inside = offs < numel
     c = channel_of(offs, S, C, IDX32)
+    k = k_ptr + c * 10
     x = tl.load(x_ptr + offs, mask=inside, other=0).to(ACC)
     xh = (x - tl.load(mean_ptr + c, mask=inside, other=0).to(ACC)) * tl.load(invstd_ptr + c, mask=inside,
                                                                             other=0).to(ACC)
@@ -145,23 +148,30 @@ def _bn_affine_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, za_ptr, zc_ptr,
     za = xh
     zc = xh
     if RELU:
-        za = tl.load(za_ptr + c, mask=inside, other=0)
-        zc = tl.load(zc_ptr + c, mask=inside, other=0)
+        za = tl.load(k + 8, mask=inside, other=0)
+        zc = tl.load(k + 9, mask=inside, other=0)
     if HAS_U:
         u = tl.load(u_ptr + offs, mask=inside, other=0).to(ACC)
     if HAS_G:
         g = _masked_grad(g_ptr, offs, inside, x, za, zc, RELU, ACC)
-    v1 = _affine_at(k1_ptr, c, inside, u, g, xh, G_IN_OUT1, HAS_U)
+    v1 = _affine_at(k, inside, u, g, xh, G_IN_OUT1, HAS_U)
     if RELU and MASK_OUT1:
         v1 = select(relu_on(bn_z(za, x, zc), out1_ptr.dtype.element_ty), v1)
     tl.store(out1_ptr + offs, v1.to(out1_ptr.dtype.element_ty), mask=inside)
     if TWO:
-        v2 = _affine_at(k2_ptr, c, inside, u, g, xh, HAS_G, HAS_U)
+        v2 = _affine_at(k + 4, inside, u, g, xh, HAS_G, HAS_U)
         tl.store(out2_ptr + offs, v2.to(out2_ptr.dtype.element_ty), mask=inside)
 
 
+def _chunk(M):
+    """Elements of one channel per reduction program (a multiple of the reduction block)."""
+    block = _launch.REDUCE_BLOCK
+    return min(_launch.REDUCE_CHUNK, triton.cdiv(max(M, 1), block) * block)
+
+
 class _Channels:
-    """Shape of an ``N x C x S`` input and its per-channel vectors, in float64 and in the compute dtype."""
+    """An ``N x C x S`` input with its saved statistics and optional weight / bias: the launches of pass 1,
+    the coefficient kernel and pass 2."""
 
     def __init__(self, x, mean, invstd, weight, bias):
         self.x = x
@@ -174,53 +184,53 @@ class _Channels:
         self.idx32 = _launch.index32(x)
         self.stat = _launch.stat_dtype(x)
         self.mean, self.invstd = mean.contiguous(), invstd.contiguous()
-        self.r = invstd.to(torch.float64)
-        self.gamma = coef._f64(weight, self.r, 1.0)
-        a, c = coef.z_coef(mean, invstd, weight, bias)
-        self.za, self.zc = a.to(self.stat), c.to(self.stat)  # rounded once to the compute dtype
+        self.w, self.b = _launch.contiguous(weight), _launch.contiguous(bias)
+        self.k = torch.empty((self.C, K_COLUMNS), dtype=self.stat, device=x.device)
+
+    def _ptr(self, t):
+        return self.x if t is None else t
 
     def sums(self, g, u, relu):
-        """Pass 1: ``C x 5`` float64 sums (:mod:`.batch_norm_coef` columns)."""
+        """Pass 1: ``C x P x 5`` partial sums (none when nothing is summed)."""
         x, C, M = self.x, self.C, self.M
         if M == 0 or (g is None and u is None):
-            return torch.zeros((C, 5), dtype=torch.float64, device=x.device)
-        block = _launch.REDUCE_BLOCK
-        chunk = min(_launch.REDUCE_CHUNK, triton.cdiv(M, block) * block)
+            return None
+        chunk = _chunk(M)
         parts = torch.empty((C, triton.cdiv(M, chunk), 5), dtype=self.stat, device=x.device)
         with _launch.device_guard(x):
             _bn_sums_kernel[(C, parts.shape[1])](
-                x, x if g is None else g, x if u is None else u, self.mean, self.invstd, self.za, self.zc, parts,
+                x, self._ptr(g), self._ptr(u), self.mean, self.invstd, self._ptr(self.w), self._ptr(self.b), parts,
                 self.S, C * self.S, M, chunk, HAS_G=g is not None, HAS_U=u is not None, RELU=relu,
-                IDX32=self.idx32, ACC=self.acc, BLOCK=block)
-        return parts.to(torch.float64).sum(1)
+                HAS_W=self.w is not None, HAS_B=self.b is not None, IDX32=self.idx32, ACC=self.acc,
+                BLOCK=_launch.REDUCE_BLOCK)
+        return parts
 
-    def affine(self, g, u, k1, k2, relu, mask_out1):
-        """Pass 2: ``out1`` from the affine ``k1``, or ``(out1, out2)`` when ``k2`` is given (then ``out1`` has
-        no ``g~`` term), in x's dtype; ``out1`` is masked when ``relu`` and ``mask_out1``."""
-        x, two = self.x, k2 is not None
+    def coefficients(self, kind, parts, training, p=None, q=None):
+        """Fill the coefficient table from the partial sums; returns ``(gw, gb)`` (``gb`` only for bn_bwd)."""
+        gw = torch.empty(self.C, dtype=self.stat, device=self.x.device)
+        gb = torch.empty_like(gw) if kind == BWD else gw
+        if self.C:
+            with _launch.device_guard(self.x):
+                bn_coef_kernel[(triton.cdiv(self.C, _launch.CHANNEL_BLOCK),)](
+                    self._ptr(parts), 0 if parts is None else parts.shape[1], self.mean, self.invstd,
+                    self._ptr(self.w), self._ptr(self.b), self._ptr(p), self._ptr(q), self.k, gw, gb, self.C, self.M,
+                    KIND=kind, TRAINING=training, HAS_W=self.w is not None, HAS_B=self.b is not None,
+                    HAS_P=p is not None, HAS_Q=q is not None, ACC=self.acc, BLOCK_C=_launch.CHANNEL_BLOCK)
+        return gw, gb
+
+    def affine(self, g, u, two, relu, mask_out1):
+        """Pass 2: ``out1`` from ``k1``, or ``(out1, out2)`` from ``k1``, ``k2`` when ``two`` (then ``out1`` has no
+        ``g~`` term), in x's dtype; ``out1`` is masked when ``relu`` and ``mask_out1``."""
+        x = self.x
         out1 = torch.empty_like(x)
         out2 = torch.empty_like(x) if two else out1
         if x.numel():
-            k1 = k1.to(self.stat)
-            k2 = k2.to(self.stat) if two else k1
             with _launch.device_guard(x):
                 _bn_affine_kernel[(triton.cdiv(x.numel(), _launch.BLOCK),)](
-                    x, x if g is None else g, x if u is None else u, self.mean, self.invstd, self.za, self.zc, k1,
-                    k2, out1, out2, x.numel(), self.S, self.C, HAS_G=g is not None, HAS_U=u is not None,
-                    G_IN_OUT1=g is not None and not two, RELU=relu, MASK_OUT1=mask_out1, TWO=two,
-                    IDX32=self.idx32, ACC=self.acc, BLOCK=_launch.BLOCK)
+                    x, self._ptr(g), self._ptr(u), self.mean, self.invstd, self.k, out1, out2, x.numel(), self.S,
+                    self.C, HAS_G=g is not None, HAS_U=u is not None, G_IN_OUT1=g is not None and not two,
+                    RELU=relu, MASK_OUT1=mask_out1, TWO=two, IDX32=self.idx32, ACC=self.acc, BLOCK=_launch.BLOCK)
         return (out1, out2) if two else out1
-
-
-def _moments(x, C, S, M):
-    """Training statistics: per-channel mean and biased variance (float64)."""
-    block = _launch.REDUCE_BLOCK
-    chunk = min(_launch.REDUCE_CHUNK, triton.cdiv(M, block) * block)
-    parts = torch.empty((C, triton.cdiv(M, chunk), 3), dtype=_launch.stat_dtype(x), device=x.device)
-    with _launch.device_guard(x):
-        _bn_moments_kernel[(C, parts.shape[1])](x, parts, S, C * S, M, chunk, IDX32=_launch.index32(x),
-                                                 ACC=_launch.acc_type(x), BLOCK=block)
-    return coef.moments(parts)
 
 
 def _check_saved(op, x, mean, invstd, weight, bias, relu, **like):
@@ -246,28 +256,39 @@ def bn_fwd(x, weight, bias, running_mean, running_var, training: bool, momentum:
     if (running_mean is None) != (running_var is None):
         raise RuntimeError(f"{op}: running_mean and running_var must be given together")
     x = x.contiguous()
-    C, stat = x.shape[1], _launch.stat_dtype(x)
-    M = x.numel() // C if C else 0
-    if training:
-        if M <= 1:
-            raise RuntimeError(f"{op}: Expected more than 1 value per channel when training, got input size "
-                               f"{tuple(x.shape)}")
-        mean64, var64 = _moments(x, C, x.numel() // (x.shape[0] * C), M)
-        mean, var = mean64.to(stat), var64.to(stat)
-        invstd = coef.invstd(var, eps)
-        if running_mean is not None:
-            coef.update_running(running_mean, running_var, mean, var, M, momentum)
-    else:
-        if running_mean is None:
-            raise RuntimeError(f"{op}: running_mean and running_var are required when training=false")
-        mean = running_mean.to(stat, copy=True)
-        invstd = coef.invstd(running_var.to(stat), eps)
+    stat = _launch.stat_dtype(x)
+    mean = torch.empty(x.shape[1], dtype=stat, device=x.device)
+    invstd = torch.empty_like(mean)
     ch = _Channels(x, mean, invstd, weight, bias)
-    y = torch.empty_like(x)
-    if x.numel():
-        with _launch.device_guard(x):
+    C, M = ch.C, ch.M
+    if training and M <= 1:
+        raise RuntimeError(f"{op}: Expected more than 1 value per channel when training, got input size "
+                           f"{tuple(x.shape)}")
+    if not training and running_mean is None:
+        raise RuntimeError(f"{op}: running_mean and running_var are required when training=false")
+    # written in place once by bn_stats_kernel; non-contiguous ones through a contiguous copy
+    rm, rv = _launch.contiguous(running_mean), _launch.contiguous(running_var)
+    parts = None
+    with _launch.device_guard(x):
+        if training:
+            chunk = _chunk(M)
+            parts = torch.empty((C, triton.cdiv(M, chunk), 3), dtype=stat, device=x.device)
+            _bn_moments_kernel[(C, parts.shape[1])](x, parts, ch.S, C * ch.S, M, chunk, IDX32=ch.idx32, ACC=ch.acc,
+                                                     BLOCK=_launch.REDUCE_BLOCK)
+        params = torch.tensor([eps, momentum, 1 - momentum], dtype=stat, device=x.device)
+        if C:
+            bn_stats_kernel[(triton.cdiv(C, _launch.CHANNEL_BLOCK),)](
+                x if parts is None else parts, 0 if parts is None else parts.shape[1], ch._ptr(rm), ch._ptr(rv),
+                ch._ptr(ch.w), ch._ptr(ch.b), params, mean, invstd, ch.k, C, M, TRAINING=training,
+                HAS_RUNNING=rm is not None, HAS_W=ch.w is not None, HAS_B=ch.b is not None, ACC=ch.acc,
+                BLOCK_C=_launch.CHANNEL_BLOCK)
+        y = torch.empty_like(x)
+        if x.numel():
             _bn_fwd_kernel[(triton.cdiv(x.numel(), _launch.BLOCK),)](
-                x, ch.za, ch.zc, y, x.numel(), ch.S, C, RELU=relu, IDX32=ch.idx32, ACC=ch.acc, BLOCK=_launch.BLOCK)
+                x, ch.k, y, x.numel(), ch.S, C, RELU=relu, IDX32=ch.idx32, ACC=ch.acc, BLOCK=_launch.BLOCK)
+    for given, used in ((running_mean, rm), (running_var, rv)):
+        if training and given is not None and given is not used:
+            given.copy_(used)
     return y, mean, invstd
 
 
@@ -277,9 +298,8 @@ def bn_bwd(grad, x, mean, invstd, weight, bias, training: bool, relu: bool):
     _check_saved("fastjac.triton.bn_bwd", x, mean, invstd, weight, bias, relu, grad=grad)
     x, g = x.contiguous(), grad.contiguous()
     ch = _Channels(x, mean, invstd, weight, bias if relu else None)
-    s = ch.sums(g, None, relu)
-    k_gx, gw, gb = coef.bwd_coef(s, ch.M, ch.gamma, ch.r, training)
-    return ch.affine(g, None, k_gx, None, relu, False), gw.to(ch.stat), gb.to(ch.stat)
+    gw, gb = ch.coefficients(BWD, ch.sums(g, None, relu), training)
+    return ch.affine(g, None, False, relu, False), gw, gb
 
 
 def bn_dbwd(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training: bool, relu: bool):
@@ -291,11 +311,10 @@ def bn_dbwd(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training: bool, 
     _launch.check_channel(ggb, x, op, "ggb")
     x, g, u = x.contiguous(), grad.contiguous(), _launch.contiguous(ggx)
     ch = _Channels(x, mean, invstd, weight, bias if relu else None)
-    s = ch.sums(g, u, relu) if training or u is not None else ch.sums(None, None, relu)
-    p, q = coef._f64(ggw, ch.r, 0.0), coef._f64(ggb, ch.r, 0.0)
-    k_ggrad, k_gx, gw = coef.dbwd_coef(s, ch.M, ch.gamma, ch.r, p, q, training)
-    ggrad, gx = ch.affine(g, u, k_ggrad, k_gx, relu, True)
-    return ggrad, gx, gw.to(ch.stat)
+    parts = ch.sums(g, u, relu) if training or u is not None else None
+    gw, _ = ch.coefficients(DBWD, parts, training, _launch.contiguous(ggw), _launch.contiguous(ggb))
+    ggrad, gx = ch.affine(g, u, True, relu, True)
+    return ggrad, gx, gw
 
 
 def bn_jvp(tx, tw, tb, x, mean, invstd, weight, bias, training: bool, relu: bool):
@@ -307,6 +326,6 @@ def bn_jvp(tx, tw, tb, x, mean, invstd, weight, bias, training: bool, relu: bool
     _launch.check_channel(tb, x, op, "tb")
     x, u = x.contiguous(), _launch.contiguous(tx)
     ch = _Channels(x, mean, invstd, weight, bias if relu else None)
-    s = ch.sums(None, u, relu) if training else ch.sums(None, None, relu)
-    k = coef.jvp_coef(s, ch.M, ch.gamma, ch.r, coef._f64(tw, ch.r, 0.0), coef._f64(tb, ch.r, 0.0), training)
-    return ch.affine(None, u, k, None, relu, True)
+    ch.coefficients(JVP, ch.sums(None, u, relu) if training else None, training, _launch.contiguous(tw),
+                    _launch.contiguous(tb))
+    return ch.affine(None, u, False, relu, True)
