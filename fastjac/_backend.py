@@ -140,7 +140,7 @@ def _unavailable(name: str, device: torch.device) -> RuntimeError:
 
 def backend_name(device: torch.device) -> str:
     """The backend that serves tensors on ``device`` under the current choice."""
-    available = {name: check for name, check in _AVAILABLE.items()}  # checked lazily: CPU needs no triton
+    available = _AVAILABLE  # checked lazily: serving CPU tensors never loads the Triton kernels
     if _forced == "auto":
         if device.type == "cpu":
             return "cpu" if available["cpu"]() else "reference"
