@@ -13,6 +13,7 @@ Every workload is defined here once:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,7 +34,21 @@ from .models import vgg9_bn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("torch", "fastjac")
-FLOAT_BYTES = 4  # everything here is float32
+FLOAT_BYTES = 4  # everything on the CPU path is float32 (CUDA: float32 or bfloat16, see DEVICE_DTYPES)
+
+
+def impls(device: str = "cpu") -> tuple:
+    """Implementations compared on ``device``: PyTorch, and fastjac with its automatic backend (CPU) or each
+    available GPU backend forced (``fastjac-cuda``, ``fastjac-triton``)."""
+    if device == "cpu":
+        return IMPLS
+    found = fastjac.backends()
+    return ("torch",) + tuple(f"fastjac-{b}" for b in ("cuda", "triton") if found[b])
+
+
+#: (device, dtype) pairs measured: the CPU in float32; a GPU, when present, in float32 and bfloat16.
+DEVICE_DTYPES = (("cpu", torch.float32),) + (
+    (("cuda", torch.float32), ("cuda", torch.bfloat16)) if torch.cuda.is_available() else ())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,7 +104,7 @@ def _op_fn(op: str, impl: str) -> Callable:
             return lambda x, p: F.batch_norm(x, p["rm"], p["rv"], p["w"], p["b"], training=True)
         if op == "bn_relu":
             return lambda x, p: F.relu(F.batch_norm(x, p["rm"], p["rv"], p["w"], p["b"], training=True))
-    elif impl == "fastjac":
+    elif impl.startswith("fastjac"):
         ops = fastjac.ops
         if op == "relu":
             return lambda x, p: ops.relu(x)
@@ -102,61 +117,71 @@ def _op_fn(op: str, impl: str) -> Callable:
     raise ValueError(f"unknown op/impl {op!r}/{impl!r}")
 
 
-def make_op_workload(case: OpCase, impl: str, seed: int = 0) -> Callable[[], tuple]:
+def make_op_workload(case: OpCase, impl: str, seed: int = 0, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> Callable[[], tuple]:
     """Allocate inputs once; return ``run()`` doing one forward + backward + double backward.
 
     ``run()``: ``y = op(x)``; ``gx = dy/dx^T v`` with ``create_graph=True``; then the double backward
     ``d(<gx, u>)/d(x, v, weight)`` (``wrt_all``) or ``d(<gx, u>)/dx``. Returns the double-backward
-    gradients (eager CPU: they are fully computed when ``run`` returns).
+    gradients (eager CPU: they are fully computed when ``run`` returns; on a GPU time it with ``sync``).
+    ``impl``: ``torch``, ``fastjac`` (automatic backend) or ``fastjac-<backend>`` (that backend forced).
+    Activations are ``dtype`` on ``device``; BatchNorm parameters and running statistics stay float32.
     """
     g = torch.Generator().manual_seed(seed)
     shape = case.shape
-    x = torch.randn(shape, generator=g).requires_grad_()
-    v = torch.randn(shape, generator=g).requires_grad_(case.wrt_all)
-    u = torch.randn(shape, generator=g)
+
+    def randn(requires_grad=False):
+        return torch.randn(shape, generator=g).to(device, dtype).requires_grad_(requires_grad)
+
+    x, v, u = randn(True), randn(case.wrt_all), randn()
     params = {}
     wrt = [x, v] if case.wrt_all else [x]
     if case.op in ("bn", "bn_relu"):
         c = shape[1]
         params = {
-            "w": (1 + 0.1 * torch.randn(c, generator=g)).requires_grad_(),
-            "b": (0.1 * torch.randn(c, generator=g)).requires_grad_(),
-            "rm": torch.zeros(c),
-            "rv": torch.ones(c),
+            "w": (1 + 0.1 * torch.randn(c, generator=g)).to(device).requires_grad_(),
+            "b": (0.1 * torch.randn(c, generator=g)).to(device).requires_grad_(),
+            "rm": torch.zeros(c, device=device),
+            "rv": torch.ones(c, device=device),
         }
         if case.wrt_all:
             wrt.append(params["w"])
     f = _op_fn(case.op, impl)
+    backend = impl.split("-", 1)[1] if impl.startswith("fastjac-") else None
 
     def run():
-        y = f(x, params)
-        (gx,) = torch.autograd.grad(y, x, v, create_graph=True)
-        return torch.autograd.grad(gx, wrt, u, allow_unused=True)
+        with fastjac.use_backend(backend) if backend else contextlib.nullcontext():
+            y = f(x, params)
+            (gx,) = torch.autograd.grad(y, x, v, create_graph=True)
+            return torch.autograd.grad(gx, wrt, u, allow_unused=True)
 
     return run
 
 
-def check_op_agreement(case: OpCase, rtol: float = 1e-3, atol: float = 1e-3) -> Optional[str]:
-    """Run both implementations on the same inputs; None when the double-backward gradients agree,
+def check_op_agreement(case: OpCase, rtol: float = 1e-3, atol: float = 1e-3, device: str = "cpu",
+                       dtype: torch.dtype = torch.float32, impl: str = "fastjac") -> Optional[str]:
+    """Run PyTorch and ``impl`` on the same inputs; None when the double-backward gradients agree,
     else a description of the mismatch (a benchmark comparing different work is meaningless)."""
-    ref = make_op_workload(case, "torch")()
-    got = make_op_workload(case, "fastjac")()
+    ref = make_op_workload(case, "torch", device=device, dtype=dtype)()
+    got = make_op_workload(case, impl, device=device, dtype=dtype)()
     for i, (a, b) in enumerate(zip(ref, got)):
-        a = torch.zeros(()) if a is None else a  # absent == zero (fastjac: ReLU's d/dx is None)
-        b = torch.zeros(()) if b is None else b
-        if not torch.allclose(a, b, rtol=rtol, atol=atol):
-            err = (a - b).abs().max().item()
-            return f"{case.id}: double-backward gradient #{i} differs (max abs err {err:.3g})"
+        a = torch.zeros((), device=device) if a is None else a.float()  # absent == zero (ReLU's d/dx is None)
+        b = torch.zeros((), device=device) if b is None else b.float()
+        err = (a - b).abs().max().item()
+        # half types: both sides round every intermediate, so compare relative to the largest value
+        scaled = dtype != torch.float32 and err <= rtol * max(1.0, a.abs().max().item())
+        if not (scaled or torch.allclose(a, b, rtol=rtol, atol=atol)):
+            return f"{case.id} {impl}: double-backward gradient #{i} differs (max abs err {err:.3g})"
     return None
 
 
-def floor_bytes(case: OpCase) -> int:
+def floor_bytes(case: OpCase, itemsize: int = FLOAT_BYTES) -> int:
     """Minimum bytes that must move between memory and the cores for forward + backward + double backward
     of ``case``, three separate passes over memory (autograd runs them at different times, so nothing
     stays in cache between them; the tensors are 8-32 MiB each). N = numel, 4-byte floats; per-channel
     vectors (C floats) are negligible and not counted; a ReLU mask is the 1-bit-per-element minimum."""
     n = int(torch.Size(case.shape).numel())
-    f = FLOAT_BYTES
+    f = itemsize
     bit = n / 8  # bytes of a packed 1-bit mask
     if case.op == "relu":
         # fwd: read x, write y, write mask                        2N floats + 1 mask
@@ -199,9 +224,9 @@ def convert_available() -> bool:
     return callable(getattr(fastjac, "convert", None))
 
 
-def make_vgg_model(variant: str, seed: int = 0) -> torch.nn.Module:
+def make_vgg_model(variant: str, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = vgg9_bn(100)
+    model = vgg9_bn(100).to(device)
     if variant == "jac_fastjac":
         if not convert_available():
             raise RuntimeError("fastjac.convert is not available in this checkout")
@@ -209,7 +234,7 @@ def make_vgg_model(variant: str, seed: int = 0) -> torch.nn.Module:
     return model.train()
 
 
-def make_vgg_step(variant: str, batch: int = VGG_BATCH, seed: int = 0):
+def make_vgg_step(variant: str, batch: int = VGG_BATCH, seed: int = 0, device: str = "cpu"):
     """``(step, model)``: ``step()`` is one full training step of VGG-9-BN (zero_grad, loss, backward,
     SGD step) on a fixed random CIFAR-like batch (``batch x 3 x 32 x 32``, 100 classes).
 
@@ -217,11 +242,11 @@ def make_vgg_step(variant: str, batch: int = VGG_BATCH, seed: int = 0):
     with the input gradient from ``torch.autograd.grad(sum_i logit_{i,y_i}, x, create_graph=True)``
     (train-mode BN couples the samples, so that is the gradient of the summed target logits).
     """
-    model = make_vgg_model(variant, seed)
+    model = make_vgg_model(variant, seed, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, 3, 32, 32, generator=g)
-    y = torch.randint(0, 100, (batch,), generator=g)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 100, (batch,), generator=g).to(device)
     jacobian = variant != "ce"
 
     def step():
@@ -332,19 +357,27 @@ def peak_memory(variant: str, backend: Optional[str] = None, timeout: float = 60
 # ---------------------------------------------------------------------------------------------------
 # timing, bandwidth, machine
 # ---------------------------------------------------------------------------------------------------
-def time_fn(fn: Callable, warmup: int, repeats: int) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed calls."""
+def sync(device: str = "cpu") -> None:
+    """Wait for the queued GPU work (a no-op on the CPU: eager ops are done when they return)."""
+    if device != "cpu":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable, warmup: int, repeats: int, device: str = "cpu") -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed calls (GPU: synchronized around each)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
-def time_interleaved(fns: dict, warmup: int, repeats: int) -> dict:
+def time_interleaved(fns: dict, warmup: int, repeats: int, device: str = "cpu") -> dict:
     """Like :func:`time_fn` for several functions, round-robin: each round times every function once,
     so a change of machine load during the measurement hits all of them alike."""
     for _ in range(warmup):
@@ -353,8 +386,10 @@ def time_interleaved(fns: dict, warmup: int, repeats: int) -> dict:
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync(device)
             t0 = time.perf_counter()
             fn()
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -363,13 +398,14 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
-def copy_bandwidth(mbytes: int = 256, warmup: int = 2, repeats: int = 10) -> float:
+def copy_bandwidth(mbytes: int = 256, warmup: int = 2, repeats: int = 10, device: str = "cpu") -> float:
     """Copy bandwidth in bytes/s: ``dst.copy_(src)`` on a ``mbytes`` MiB float32 tensor, counting the
-    bytes read plus the bytes written (2x the size; write-allocate traffic is not counted, as in STREAM)."""
+    bytes read plus the bytes written (2x the size; write-allocate traffic is not counted, as in STREAM).
+    On a GPU: the device-to-device copy within its memory."""
     n = mbytes * 1024 * 1024 // FLOAT_BYTES
-    src = torch.ones(n)
-    dst = torch.zeros(n)
-    times = time_fn(lambda: dst.copy_(src), warmup, repeats)
+    src = torch.ones(n, device=device)
+    dst = torch.zeros(n, device=device)
+    times = time_fn(lambda: dst.copy_(src), warmup, repeats, device)
     return 2 * n * FLOAT_BYTES / median(times)
 
 

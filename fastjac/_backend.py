@@ -38,9 +38,53 @@ def _cuda_compiled() -> bool:
     return _C is not None and bool(_C.compiled_with_cuda())
 
 
+_triton_state = None  # (kernel table or None, reason it is unavailable), decided once on first use
+
+
+def _load_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return None, f"triton is not installed ({exc})"
+    if not (torch.cuda.is_available() or _interpret_requested()):
+        return None, "no CUDA device is usable (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors)"
+    try:
+        from . import triton as table
+    except Exception as exc:  # pragma: no cover - a broken triton install
+        return None, f"the Triton kernels failed to load ({type(exc).__name__}: {exc})"
+    return table, None
+
+
+def _interpret_requested() -> bool:
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
 def _triton_kernels():
-    """The Triton kernel table, or None when Triton kernels are not provided by this build."""
-    return None
+    """The Triton kernel table (:mod:`fastjac.triton`) when triton is importable and usable: a CUDA device is
+    available, or ``TRITON_INTERPRET=1`` was set (then the kernels also accept CPU tensors). Else None.
+
+    Decided once, on first use (importing fastjac does not import triton)."""
+    global _triton_state
+    if _triton_state is None:
+        _triton_state = _load_triton()
+    return _triton_state[0]
+
+
+def _triton_interpreted() -> bool:
+    """Whether the Triton kernels run under the interpreter (so they serve CPU tensors)."""
+    table = _triton_kernels()
+    return table is not None and table.INTERPRETED
+
+
+_AVAILABLE = {
+    "reference": lambda: True,
+    "cpu": lambda: _C is not None,
+    "cuda": lambda: _cuda_compiled() and torch.cuda.is_available(),
+    "cuda_compiled": _cuda_compiled,
+    "triton": lambda: _triton_kernels() is not None,
+}
 
 
 def backends() -> dict[str, bool]:
@@ -49,13 +93,7 @@ def backends() -> dict[str, bool]:
     ``cuda`` needs the extension compiled with CUDA *and* a usable GPU; ``cuda_compiled`` reports the
     former alone.
     """
-    return {
-        "reference": True,
-        "cpu": _C is not None,
-        "cuda": _cuda_compiled() and torch.cuda.is_available(),
-        "cuda_compiled": _cuda_compiled(),
-        "triton": _triton_kernels() is not None,
-    }
+    return {name: bool(check()) for name, check in _AVAILABLE.items()}
 
 
 def _validate_choice(name: str, source: str) -> str:
@@ -95,29 +133,34 @@ def _unavailable(name: str, device: torch.device) -> RuntimeError:
         "cpu": f"the C++ extension fastjac._C is not built ({_EXTENSION_ERROR}); "
         "build it with `pip install -e . --no-build-isolation`",
         "cuda": "fastjac._C was built without CUDA kernels (FASTJAC_BUILD_CUDA) or no GPU is usable",
-        "triton": "this build provides no Triton kernels",
+        "triton": _triton_state[1] if _triton_state else "",
     }.get(name, "")
     return RuntimeError(f"fastjac backend {name!r} is not available for {device} tensors: {why}")
 
 
 def backend_name(device: torch.device) -> str:
     """The backend that serves tensors on ``device`` under the current choice."""
-    available = backends()
+    available = _AVAILABLE  # checked lazily: serving CPU tensors never loads the Triton kernels
     if _forced == "auto":
         if device.type == "cpu":
-            return "cpu" if available["cpu"] else "reference"
+            return "cpu" if available["cpu"]() else "reference"
         if device.type == "cuda":
-            if available["cuda"]:
+            if available["cuda"]():
                 return "cuda"
-            return "triton" if available["triton"] else "reference"
+            return "triton" if available["triton"]() else "reference"
         return "reference"
     name = _forced
-    if not available[name]:
+    if not available[name]():
         raise _unavailable(name, device)
     if name == "cpu" and device.type != "cpu":
         raise RuntimeError(f"fastjac backend 'cpu' runs CPU tensors only; got a tensor on {device}")
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"fastjac backend 'cuda' runs CUDA tensors only; got a tensor on {device}")
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+        raise RuntimeError(
+            f"fastjac backend 'triton' runs CUDA tensors, and CPU tensors only under the Triton interpreter "
+            f"(TRITON_INTERPRET=1, set before fastjac first uses Triton); got a tensor on {device}"
+        )
     return name
 
 

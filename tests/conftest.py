@@ -1,10 +1,23 @@
-"""Shared fixtures: the backends to test and per-dtype tolerances."""
+"""Shared fixtures: the backends to test and per-dtype tolerances.
+
+Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors. Triton reads
+``TRITON_INTERPRET`` when it decorates a kernel, i.e. when fastjac first loads its Triton kernels (lazily, on
+the first ``fastjac.backends()``), so it is set here, before anything of fastjac runs (``import torch`` does
+not import triton). Nothing else in the suite uses triton. The interpreted kernels are slow: the generic
+``backend`` fixture serves CPU tensors with ``reference`` and ``cpu`` only; the Triton kernels have their own
+reduced test lists (tests/test_kernels.py, tests/test_kernels_triton.py, tests/test_triton_ops.py).
+"""
+import os
+
 import pytest
 import torch
 
-import fastjac
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-TESTED_BACKENDS = [name for name in ("reference", "cpu", "triton") if fastjac.backends()[name]]
+import fastjac  # noqa: E402
+
+TESTED_BACKENDS = [name for name in ("reference", "cpu") if fastjac.backends()[name]]
 
 # Tolerances for comparisons against PyTorch / the reference at each dtype.
 TOLERANCES = {
