@@ -1,20 +1,9 @@
 """Tiny float64 networks and brute-force helpers shared by the full-Jacobian and bias-Jacobian loss tests."""
 import contextlib
 
-import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """One intra-op thread for these tiny tensors: on a loaded 2-core machine the thread synchronisation made the
-    brute-force loops (hundreds of tiny forwards) 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize(model: nn.Module) -> nn.Module:

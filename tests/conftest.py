@@ -33,6 +33,16 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread, for modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("single_thread")``):
+    on a loaded 2-core machine the thread synchronisation of 2-thread ops made such tests up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,13 +13,7 @@ import fastjac
 from fastjac import losses
 from _jacobian_helpers import D, converted, frozen_reference, per_sample_jacobian, randomize_bn_
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def cnn(channels: int, seed: int) -> nn.Module:

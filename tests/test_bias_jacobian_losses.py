@@ -9,9 +9,9 @@ from torch import nn
 
 import fastjac
 from fastjac.losses import bias_jacobian_map, bias_jacobian_matching, bias_jacobian_norm
-from _bias_jacobian_models import effective_bias, randomize, single_thread, tiny_vgg
+from _bias_jacobian_models import effective_bias, randomize, tiny_vgg
 
-pytestmark = pytest.mark.usefixtures(single_thread.__name__)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _maps(n=2, c=3, size=4):

@@ -7,11 +7,11 @@ from torch import nn
 
 import fastjac
 from _bias_jacobian_models import (
-    VGG9, effective_bias, randomize, scaled_channel_bias, single_thread, target_outputs, tiny_plain_cnn, tiny_resnet,
+    VGG9, effective_bias, randomize, scaled_channel_bias, target_outputs, tiny_plain_cnn, tiny_resnet,
     tiny_vgg, vgg,
 )
 
-pytestmark = pytest.mark.usefixtures(single_thread.__name__)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Completeness in float64: each term is a sum of O(100) products of O(1) numbers, so rounding stays far
 # below 1e-12 relative to the size of the terms (observed ~1e-16).

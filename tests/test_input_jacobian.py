@@ -15,15 +15,9 @@ from torch import nn
 import fastjac
 from _jacobian_helpers import D, conv_net, converted, frozen_reference, mlp, per_sample_jacobian
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 N, K = 4, 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def inputs(seed=0):

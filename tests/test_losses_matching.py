@@ -10,13 +10,7 @@ import fastjac
 from fastjac import losses
 from _jacobian_helpers import D, conv_net, converted, mlp, per_sample_jacobian
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def sq(t):

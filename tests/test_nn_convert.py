@@ -15,21 +15,14 @@ from torch.autograd import forward_ad as fwAD
 import fastjac
 import fastjac.nn as fnn
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 BACKENDS = [
     pytest.param(name, marks=pytest.mark.skipif(not fastjac.backends()[name], reason=f"fastjac backend {name!r} unavailable"))
     for name in ("reference", "cpu")
 ]
 DTYPES = [torch.float32, torch.float64]
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription stalls on busy machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=BACKENDS)

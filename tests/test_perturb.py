@@ -10,6 +10,7 @@ import fastjac
 from fastjac.ops import noise, noise_dot, perturb
 from fastjac.ops.perturb import philox_words
 from fastjac.reference import perturb as ref
+from _saved import packed_tensors
 
 compiled = pytest.mark.skipif(not fastjac.backends()["cpu"], reason="fastjac._C is not built")
 
@@ -136,32 +137,20 @@ def test_words_uniform_bits(backend):
         assert abs(frac - 0.5) < 5 * 0.5 / math.sqrt(n), bit
 
 
-def _saved(fn):
-    packed = []
-
-    def pack(t):
-        packed.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return packed, out
-
-
 def test_noise_is_regenerated_not_saved(backend):
     x = torch.randn(64, 32, requires_grad=True)
     sigma = torch.tensor(0.3, requires_grad=True)
-    packed, y = _saved(lambda: perturb(x, sigma, seed=1).sum())
+    packed, y = packed_tensors(lambda: perturb(x, sigma, seed=1).sum())
     assert not any(t.numel() > 1 for t in packed), [tuple(t.shape) for t in packed]
     y.backward()
     z = noise(x.detach(), seed=1)
     torch.testing.assert_close(x.grad, torch.ones_like(x))
     torch.testing.assert_close(sigma.grad, z.double().sum().to(sigma.dtype), rtol=1e-5, atol=1e-4)
     # the plain-PyTorch equivalent has to keep the noise for sigma's gradient
-    packed_torch, _ = _saved(lambda: (x + sigma * z).sum())
+    packed_torch, _ = packed_tensors(lambda: (x + sigma * z).sum())
     assert any(t.shape == x.shape for t in packed_torch)
     g = torch.randn(64, 32, requires_grad=True)
-    packed, d = _saved(lambda: noise_dot(g, seed=1, offset=7).sum())
+    packed, d = packed_tensors(lambda: noise_dot(g, seed=1, offset=7).sum())
     assert not packed
     d.backward()
     torch.testing.assert_close(g.grad, noise(g.detach(), seed=1, offset=7))

@@ -6,19 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastjac
-
-
-def _packed(fn):
-    """The tensors packed by saved_tensors_hooks while ``fn()`` runs (kept alive), and fn's result."""
-    packed = []
-
-    def pack(t):
-        packed.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return packed, out
+from _saved import packed_tensors
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -30,7 +18,7 @@ def test_batch_norm_saves_only_x_weight_bias_and_statistics(backend, relu, train
     b = torch.randn(C).requires_grad_()
     rm, rv = torch.zeros(C), torch.ones(C)
     op = fastjac.ops.batch_norm_relu if relu else fastjac.ops.batch_norm
-    packed, y = _packed(lambda: op(x, rm, rv, w, b, training, 0.1, 1e-5))
+    packed, y = packed_tensors(lambda: op(x, rm, rv, w, b, training, 0.1, 1e-5))
     ids = {id(t) for t in packed}
     # x, weight and bias are saved as themselves (no copies); the rest are two C-element statistics
     assert id(x) in ids and id(w) in ids

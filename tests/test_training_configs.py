@@ -13,17 +13,10 @@ from fastjac.training.models import build_model
 from fastjac.training.report import table
 from fastjac.training.runner import run_experiment
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 CONFIGS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 SMOKE = [c for c in CONFIGS if c.startswith("smoke_")]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads per process slow everything down."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

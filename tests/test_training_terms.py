@@ -10,13 +10,7 @@ import fastjac
 from fastjac.training import terms
 from fastjac.training.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _pair(fused=False, seed=0):
