@@ -51,6 +51,7 @@ def table(run_dir: str) -> str:
     if not rows:
         raise FileNotFoundError(f"no results (result.json) under {run_dir!r}; has the run finished?")
     paper: dict = {}
+    exp: dict = {}
     exp_path = os.path.join(run_dir, "experiment.yaml")
     name = os.path.basename(os.path.abspath(run_dir))
     if os.path.isfile(exp_path):
@@ -59,6 +60,8 @@ def table(run_dir: str) -> str:
         name = exp.get("name", name)
         paper = ((exp.get("sweep") or {}).get("paper") or {})
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    order = list((exp.get("sweep") or {}).get("methods") or {})
+    methods.sort(key=lambda m: order.index(m) if m in order else len(order))  # the config's order
     per_classes = sorted({r["per_class"] for r in rows}, key=lambda v: (v is None, v or 0))
     cells = defaultdict(list)
     for r in rows:

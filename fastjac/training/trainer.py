@@ -300,7 +300,8 @@ class Trainer:
             self._save(epoch)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(acc=f"{row.get('test_acc', math.nan):.1f}", loss=f"{row.get('train_loss', math.nan):.3f}")
+                last_acc = next((r["test_acc"] for r in reversed(self.history) if "test_acc" in r), math.nan)
+                bar.set_postfix(acc=f"{last_acc:.1f}", loss=f"{row.get('train_loss', math.nan):.3f}")
         if bar is not None:
             bar.close()
         result = {"name": self.cfg.name, "epochs": self.cfg.epochs, **(self.history[-1] if self.history else {}),
