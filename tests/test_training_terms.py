@@ -43,6 +43,7 @@ ALL_TERMS = {
     "bias_jacobian_matching": {"student_layers": ["features.1", "features.5"], "teacher_layers": ["features.1", "features.5"]},
     "bias_jacobian_norm": {"layers": ["features.9"]},
     "score_matching": {"mu": 1e-3, "sigma": 0.05},
+    "score_matching_cv": {"mu": 1e-3, "sigma": 0.05, "control_variate": True},
     "anti_score_matching": {"tau": 10.0, "sigma": 0.05},
     "gradient_norm": {},
     "bias_decay": {"layers": ["features.1"]},
@@ -50,6 +51,7 @@ ALL_TERMS = {
 
 
 def _value(term, options, student, teacher, x, y):
+    term = term.removesuffix("_cv")  # a second option set of the same term
     parsed = terms.parse({term: {"weight": 1.0, **options}})
     ctx = terms.context(student, teacher, x.clone(), y, parsed)
     torch.manual_seed(123)  # the trace estimators draw their seeds from torch's generator

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from ..hessian_trace import METHODS, hessian_trace
 from ..ops.perturb import DISTRIBUTIONS
-
-REDUCTIONS = ("mean", "sum", "none")
+from ._reduce import REDUCTIONS, reduce
 
 
 class ScoreTerms(NamedTuple):
@@ -39,14 +38,6 @@ class ScoreTerms(NamedTuple):
     logits: Tensor
     trace: Optional[Tensor]
     grad_norm_sq: Optional[Tensor]
-
-
-def _reduce(per_sample: Tensor, reduction: str, fn: str) -> Tensor:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"fastjac.losses.{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if reduction == "none":
-        return per_sample
-    return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
 def _check_per_sample(t, name: str, fn: str) -> None:
@@ -70,20 +61,20 @@ def score_matching(trace: Tensor, grad_norm_sq: Tensor, mu: float = 1e-4, reduct
         )
     if not mu >= 0:
         raise ValueError(f"fastjac.losses.score_matching: mu must be >= 0, got {mu!r}")
-    return _reduce(trace + 0.5 * grad_norm_sq + mu * trace * trace, reduction, "score_matching")
+    return reduce(trace + 0.5 * grad_norm_sq + mu * trace * trace, reduction, "score_matching")
 
 
 def anti_score_matching(trace: Tensor, tau: float = 1000.0, reduction: str = "mean") -> Tensor:
     """Anti-score-matching objective (thesis §5.5): ``-min(h, tau)`` per sample; minimising it maximises the
     Hessian trace, and the clamp stops the push (zero gradient) once ``h >= tau``."""
     _check_per_sample(trace, "trace", "anti_score_matching")
-    return _reduce(-torch.clamp(trace, max=float(tau)), reduction, "anti_score_matching")
+    return reduce(-torch.clamp(trace, max=float(tau)), reduction, "anti_score_matching")
 
 
 def gradient_norm(grad_norm_sq: Tensor, reduction: str = "mean") -> Tensor:
     """Gradient-norm regulariser (thesis §5.5; the "gradient-norm" term of Eq. 5.4): ``||grad_x f_i||^2``."""
     _check_per_sample(grad_norm_sq, "grad_norm_sq", "gradient_norm")
-    return _reduce(grad_norm_sq, reduction, "gradient_norm")
+    return reduce(grad_norm_sq, reduction, "gradient_norm")
 
 
 class _ClassLogitRegulariser(nn.Module):

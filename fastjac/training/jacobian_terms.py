@@ -92,34 +92,37 @@ def bias_jacobian_norm(ctx: StepContext, layers: list) -> torch.Tensor:
     return losses.bias_jacobian_norm(full, layers)
 
 
-def _trace(ctx: StepContext, sigma: float, method: str, samples: int, with_grad: bool, batch_norm: str):
+def _trace(ctx: StepContext, sigma: float, method: str, samples: int, with_grad: bool, batch_norm: str,
+           control_variate: bool = False):
     """Hessian trace of the label's logit and, if ``with_grad``, the squared input-gradient norm, all on the
-    pass of :meth:`StepContext.differentiable_pass` (perturbed passes with frozen BatchNorm statistics)."""
+    pass of :meth:`StepContext.differentiable_pass` (perturbed passes with frozen BatchNorm statistics).
+    ``control_variate`` (Taylor): subtract gᵀv, removing the 4‖g‖²/σ² variance (:func:`fastjac.hessian_trace`)."""
     index = ctx.y[:, None]
     x, logits, _ = ctx.differentiable_pass(batch_norm)
     fx = logits.gather(1, index).squeeze(1)
-    grad = ctx.input_grad("logits", "label", batch_norm) if with_grad or method in ("hutchinson", "exact") else None
+    needs_grad = with_grad or control_variate or method in ("hutchinson", "exact")
+    grad = ctx.input_grad("logits", "label", batch_norm) if needs_grad else None
 
     def class_logit(z):
         with _frozen(ctx):
             out = ctx.module(z)
         return out.gather(1, index).squeeze(1)
 
-    trace = hessian_trace(class_logit, x, method, samples, sigma, fx=fx, grad_fx=grad)
+    trace = hessian_trace(class_logit, x, method, samples, sigma, fx=fx, grad_fx=grad, control_variate=control_variate)
     return trace, (None if grad is None else _per_sample_sq(grad))
 
 
 def score_matching(ctx: StepContext, mu: float = 1e-4, sigma: float = 1e-2, method: str = "taylor",
-                   samples: int = 1, batch_norm: str = "frozen") -> torch.Tensor:
+                   samples: int = 1, batch_norm: str = "frozen", control_variate: bool = False) -> torch.Tensor:
     """Score matching (thesis Eq. 5.4): ``h + ½‖∇ₓf_i‖² + μh²`` with the trace estimate ``h`` (Eq. 5.9)."""
-    trace, grad_sq = _trace(ctx, sigma, method, samples, True, batch_norm)
+    trace, grad_sq = _trace(ctx, sigma, method, samples, True, batch_norm, control_variate)
     return losses.score_matching(trace, grad_sq, mu)
 
 
 def anti_score_matching(ctx: StepContext, tau: float = 1000.0, sigma: float = 1e-2, method: str = "taylor",
-                        samples: int = 1, batch_norm: str = "frozen") -> torch.Tensor:
+                        samples: int = 1, batch_norm: str = "frozen", control_variate: bool = False) -> torch.Tensor:
     """Anti-score matching (thesis §5.5): maximise the trace estimate clamped at ``tau``."""
-    trace, _ = _trace(ctx, sigma, method, samples, False, batch_norm)
+    trace, _ = _trace(ctx, sigma, method, samples, False, batch_norm, control_variate)
     return losses.anti_score_matching(trace, tau)
 
 
@@ -139,7 +142,7 @@ register("bias_jacobian_matching", Term(bias_jacobian_matching, needs_teacher=Tr
                                         options=("student_layers", "teacher_layers", "classes")))
 register("bias_jacobian_norm", Term(bias_jacobian_norm, extra_passes=True, options=("layers",)))
 register("score_matching", Term(score_matching, needs_input_grad=True, extra_passes=True,
-                                options=("mu", "sigma", "method", "samples", "batch_norm")))
+                                options=("mu", "sigma", "method", "samples", "batch_norm", "control_variate")))
 register("anti_score_matching", Term(anti_score_matching, needs_input_grad=True, extra_passes=True,
-                                     options=("tau", "sigma", "method", "samples", "batch_norm")))
+                                     options=("tau", "sigma", "method", "samples", "batch_norm", "control_variate")))
 register("gradient_norm", Term(gradient_norm, needs_input_grad=True, options=("batch_norm",)))
