@@ -16,6 +16,16 @@ def block_offsets(BLOCK: tl.constexpr):
 
 
 @triton.jit
+def mask_byte_tile(BYTES: tl.constexpr, numel):
+    """This program's ``BYTES`` packed-mask bytes as a ``[BYTES, 8]`` tile of elements: ``(byte, bit, offs,
+    inside)``, element ``offs = 8 byte + bit`` (csrc/KERNELS.md, "Conventions"), ``inside = offs < numel``."""
+    byte = block_offsets(BYTES)
+    bit = tl.arange(0, 8)
+    offs = byte[:, None] * 8 + bit[None, :]
+    return byte, bit, offs, offs < numel
+
+
+@triton.jit
 def select(on, v):
     """``on ? v : 0`` (a selection: 0 where ``on`` is false even if ``v`` is not finite)."""
     return tl.where(on, v, 0.0)

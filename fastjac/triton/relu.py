@@ -9,15 +9,12 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._jit import block_offsets, select
+from ._jit import mask_byte_tile, select
 
 
 @triton.jit
 def _relu_fwd_kernel(x_ptr, y_ptr, mask_ptr, numel, nbytes, BYTES: tl.constexpr):
-    byte = block_offsets(BYTES)
-    bit = tl.arange(0, 8)
-    offs = byte[:, None] * 8 + bit[None, :]
-    inside = offs < numel
+    byte, bit, offs, inside = mask_byte_tile(BYTES, numel)
     x = tl.load(x_ptr + offs, mask=inside, other=0)
     on = x > 0  # NaN and -0.0 are off
     tl.store(y_ptr + offs, select(on, x), mask=inside)
@@ -27,10 +24,7 @@ def _relu_fwd_kernel(x_ptr, y_ptr, mask_ptr, numel, nbytes, BYTES: tl.constexpr)
 
 @triton.jit
 def _relu_bwd_kernel(g_ptr, mask_ptr, out_ptr, numel, nbytes, BYTES: tl.constexpr):
-    byte = block_offsets(BYTES)
-    bit = tl.arange(0, 8)
-    offs = byte[:, None] * 8 + bit[None, :]
-    inside = offs < numel
+    byte, bit, offs, inside = mask_byte_tile(BYTES, numel)
     packed = tl.load(mask_ptr + byte, mask=byte < nbytes, other=0).to(tl.int32)
     on = ((packed[:, None] >> bit[None, :]) & 1) != 0
     g = tl.load(g_ptr + offs, mask=inside, other=0)
