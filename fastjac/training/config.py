@@ -84,7 +84,8 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: dict = field(default_factory=lambda: {"ce": 1.0})   # term name -> weight, plus term options
     teacher: Optional[TeacherConfig] = None
-    eval: dict = field(default_factory=dict)          # evaluations after training (noise_stds, ...)
+    eval: dict = field(default_factory=dict)          # per-run evaluations after training (noise_stds, ...)
+    evaluations: dict = field(default_factory=dict)   # experiment evaluations: name -> options (fastjac.evaluation)
     sweep: Optional[SweepConfig] = None
     deterministic: bool = False                       # torch.use_deterministic_algorithms
     accumulate: int = 1                               # micro-batches per step (emulates DDP ranks' BN)
@@ -159,7 +160,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = get(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}: must be one of {list(allowed)}, got {value!r}")
-    positive = {"epochs": cfg.epochs, "data.batch_size": cfg.data.batch_size,
+    if cfg.epochs < 0:
+        raise ConfigError(f"epochs: must be >= 0 (0: evaluate the configured model without training), got {cfg.epochs!r}")
+    positive = {"data.batch_size": cfg.data.batch_size,
                 "data.eval_batch_size": cfg.data.eval_batch_size, "optim.lr": cfg.optim.lr,
                 "accumulate": cfg.accumulate, "eval_every": cfg.eval_every}
     for dotted, value in positive.items():
@@ -179,6 +182,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             continue
         if not isinstance(weight, dict) or "weight" not in weight:
             raise ConfigError(f"loss.{name}: expected a weight or a mapping with 'weight' and options, got {weight!r}")
+    if cfg.evaluations:
+        from ..evaluation.registry import parse_options  # late: the registry imports this module
+
+        for name, spec in cfg.evaluations.items():
+            parse_options(name, spec)
     return cfg
 
 

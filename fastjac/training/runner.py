@@ -16,6 +16,7 @@ import yaml
 from . import config as config_io
 from .config import RunConfig
 from .trainer import Trainer
+from ..evaluation.registry import Cell, EvalContext, run_evaluations
 
 
 def cell_dir(out: str, cell: dict) -> str:
@@ -28,7 +29,7 @@ def cell_dir(out: str, cell: dict) -> str:
 def _teacher_config(cfg: RunConfig) -> RunConfig:
     """The run that trains the teacher: the base config with ``teacher.train`` overrides (full training set)."""
     base = cfg.to_dict()
-    base.update(sweep=None, teacher=None, name=f"{cfg.name}/teacher")
+    base.update(sweep=None, teacher=None, evaluations={}, name=f"{cfg.name}/teacher")
     base["data"]["per_class"] = None
     base["model"] = copy.deepcopy(cfg.teacher.model or cfg.model)
     base["loss"] = {"ce": 1.0}
@@ -59,21 +60,29 @@ def with_teacher(cfg: RunConfig, out: str) -> RunConfig:
 
 def run_experiment(cfg: RunConfig, out: str, data_root: str | None = None, resume: bool = False,
                    progress: bool = True, device: str = "cpu", log=print) -> list[dict[str, Any]]:
-    """Train every run of ``cfg`` (teacher first if ``teacher.train``); returns one result per cell."""
+    """Train every run of ``cfg`` (teacher first if ``teacher.train``), then run ``cfg.evaluations`` on the
+    trained runs (``OUT/evaluations/<name>/``); returns one result per cell. ``epochs: 0`` trains nothing:
+    the evaluations see the configured models (e.g. pretrained weights)."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "experiment.yaml"), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     if trains_teacher(cfg):
         _run_one(_teacher_config(cfg), os.path.join(out, "teacher"), data_root, resume, progress, device, log)
     cfg = with_teacher(cfg, out)
-    results = []
+    results, cells = [], []
     for cell, run_cfg in config_io.expand(cfg):
         run_dir = cell_dir(out, cell)
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "cell.json"), "w") as f:  # the method's real name, for tables
             json.dump(cell, f)
+        cells.append(Cell(cell["method"], cell["per_class"], cell["seed"], run_dir, run_cfg))
+        if run_cfg.epochs == 0:
+            continue
         result = _run_one(run_cfg, run_dir, data_root, resume, progress, device, log)
         results.append({**cell, **result})
+    if cfg.evaluations:
+        ctx = EvalContext(cfg, out, cells, data_root=data_root, device=device, log=log, progress=progress)
+        run_evaluations(ctx, cfg.evaluations, resume=resume)
     return results
 
 

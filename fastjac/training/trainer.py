@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -93,12 +94,50 @@ def load_teacher(cfg: RunConfig, device: torch.device, data_root: str | None = N
     return teacher
 
 
+@dataclass
+class RunData:
+    """A run's images as float tensors in [0, 1] (not normalised), after limits and the per-class subset."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    subset_indices: torch.Tensor   # indices of the kept training examples in the (limited) training split
+
+
+def load_run_data(cfg: RunConfig, data_root: str | None = None) -> RunData:
+    """The training and test images of ``cfg.data`` as the trainer uses them (``data_root`` overrides
+    ``data.root``)."""
+    d = cfg.data
+    root = data_root if data_root is not None else d.root
+    kwargs: dict[str, Any] = {}
+    if d.dataset == "digits":
+        kwargs = dict(image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction)
+    elif d.dataset == "mit_indoor":
+        kwargs = dict(image_size=d.image_size)
+    train = data_io.load_dataset(d.dataset, "train", root, **kwargs)
+    test = data_io.load_dataset(d.dataset, "test", root, **kwargs)
+    if d.train_limit:
+        train = train.subset(range(min(d.train_limit, len(train))))
+    if d.test_limit:
+        test = test.subset(range(min(d.test_limit, len(test))))
+    subset_seed = cfg.seed if d.subset_seed is None else d.subset_seed
+    indices = data_io.stratified_subset(train.labels, d.per_class, subset_seed)
+    train = train.subset(indices)
+    return RunData(train.float_images(), train.labels, test.float_images(), test.labels, indices)
+
+
 class Trainer:
-    """Train ``cfg`` into ``run_dir``; :meth:`run` returns the final metrics."""
+    """Train ``cfg`` into ``run_dir``; :meth:`run` returns the final metrics.
+
+    ``data`` replaces the config's dataset with given images (ROAR retrains on images with pixels removed);
+    its ``subset_indices`` are recorded as the run's subset.
+    """
 
     def __init__(self, cfg: RunConfig, run_dir: str, data_root: str | None = None, device: str = "cpu",
-                 progress: bool = True):
+                 progress: bool = True, data: RunData | None = None):
         self.cfg, self.run_dir, self.device = cfg, run_dir, torch.device(device)
+        self.data = data
         self.data_root = data_root if data_root is not None else cfg.data.root
         self.progress = progress
         self.rank, self.world = _distributed()
@@ -107,25 +146,11 @@ class Trainer:
 
     # --- setup -----------------------------------------------------------------------------------------------
     def _load_data(self):
-        d = self.cfg.data
-        kwargs: dict[str, Any] = {}
-        if d.dataset == "digits":
-            kwargs = dict(image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction)
-        elif d.dataset == "mit_indoor":
-            kwargs = dict(image_size=d.image_size)
-        train = data_io.load_dataset(d.dataset, "train", self.data_root, **kwargs)
-        test = data_io.load_dataset(d.dataset, "test", self.data_root, **kwargs)
-        if d.train_limit:
-            train = train.subset(range(min(d.train_limit, len(train))))
-        if d.test_limit:
-            test = test.subset(range(min(d.test_limit, len(test))))
-        subset_seed = self.cfg.seed if d.subset_seed is None else d.subset_seed
-        indices = data_io.stratified_subset(train.labels, d.per_class, subset_seed)
-        self.subset_indices = indices
-        train = train.subset(indices)
-        self.train_x, self.train_y = train.float_images(), train.labels
-        self.test_x = data_io.normalize(test.float_images(), d.dataset)
-        self.test_y = test.labels
+        data = self.data if self.data is not None else load_run_data(self.cfg, self.data_root)
+        self.subset_indices = data.subset_indices
+        self.train_x, self.train_y = data.train_x, data.train_y
+        self.test_x = data_io.normalize(data.test_x, self.cfg.data.dataset)
+        self.test_y = data.test_y
 
     def setup(self) -> None:
         cfg = self.cfg

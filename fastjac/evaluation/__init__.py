@@ -1,0 +1,5 @@
+"""Evaluations of saliency maps and of trained models (thesis §3.5, §5.5, §5.7), reachable from configs.
+
+See :mod:`fastjac.evaluation.registry` for how an evaluation is declared and run.
+"""
+from .registry import EVALUATIONS, Cell, EvalContext, register, run_evaluations, write_table  # noqa: F401
