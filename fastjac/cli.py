@@ -36,12 +36,21 @@ def _list(_args) -> int:
     return 0
 
 
-def _init_distributed() -> None:
+def _init_distributed(device: str) -> str:
+    """Join the ``torchrun`` process group when there is one: NCCL for CUDA runs, each rank on its own GPU
+    (``cuda:LOCAL_RANK``), Gloo for CPU runs (also on machines that have a GPU). Returns this rank's device."""
     import torch
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return device
 
 
 def _run(args) -> int:
@@ -50,13 +59,13 @@ def _run(args) -> int:
 
     path = resolve_config(args.config)
     cfg = config_io.load(path, args.set)
-    _init_distributed()
+    device = _init_distributed(args.device)
     out = args.out or os.path.join("runs", os.path.basename(path)[:-5])
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     results = run_experiment(cfg, out, data_root=args.data_root, resume=args.resume,
-                             progress=not args.no_progress, device=args.device,
+                             progress=not args.no_progress, device=device,
                              log=print if rank == 0 else (lambda *_: None))
     if rank == 0:
         from .training.report import table

@@ -112,7 +112,7 @@ def test_non_finite_loss_names_term_epoch_and_step(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("changes,match", [
     ({"optim.name": "rmsprop"}, "optim.name"),
-    ({"epochs": 0}, "epochs"),
+    ({"epochs": -1}, "epochs"),
     ({"data.dataset": "mnist"}, "data.dataset"),
     ({"data.batch_sise": 3}, "batch_sise"),
     ({"schedule.milestones": [5, 2]}, "schedule.milestones"),

@@ -23,13 +23,16 @@ import triton.language as tl
 
 from . import _launch
 from .batch_norm_coef import BWD, DBWD, JVP, K_COLUMNS, bn_coef_kernel, bn_stats_kernel, channel_z
-from ._jit import block_offsets, bn_z, channel_of, channel_offsets, relu_on, select
+from ._jit import block_offsets, bn_z, channel_of, channel_offsets, div_rn, relu_on, select
 
 
 @triton.jit
 def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, IDX32: tl.constexpr, ACC: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """Partial ``(count, mean, M2)`` of elements ``[p CHUNK, (p + 1) CHUNK)`` of channel ``c`` (grid ``C x P``)."""
+    """Partial ``(count, mean, M2)`` of elements ``[p CHUNK, (p + 1) CHUNK)`` of channel ``c`` (grid ``C x P``).
+
+    Divisions are IEEE-rounded (``div_rn``; compiled Triton's ``/`` on float32 is approximate), so a constant
+    channel gets its exact mean, as in the C++/CUDA kernels (measured on an H100: ``/`` gave 1.2500001 for 1.25)."""
     c = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1).to(tl.int64)
     lane = tl.arange(0, BLOCK)
@@ -42,10 +45,10 @@ def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, IDX32: tl.constexpr, AC
         x = tl.load(x_ptr + channel_offsets(j, c, S, CS, IDX32), mask=inside, other=0).to(ACC)
         n += inside.to(ACC)
         d = x - mean
-        mean += tl.where(inside, d / tl.maximum(n, 1.0), 0.0)
+        mean += tl.where(inside, div_rn(d, tl.maximum(n, 1.0), ACC), 0.0)
         m2 += tl.where(inside, d * (x - mean), 0.0)
     count = tl.sum(n, axis=0)
-    mu = tl.sum(n * mean, axis=0) / tl.maximum(count, 1.0)
+    mu = div_rn(tl.sum(n * mean, axis=0), tl.maximum(count, 1.0), ACC)
     dev = mean - mu
     out = part_ptr + (c * tl.num_programs(1) + p) * 3
     tl.store(out, count)

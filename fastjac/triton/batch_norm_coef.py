@@ -13,7 +13,7 @@ channel: ``k1 = (cu, cg, cx, c0)``, ``k2`` (the same for bn_dbwd's second output
 import triton
 import triton.language as tl
 
-from ._jit import block_offsets
+from ._jit import block_offsets, div_rn
 
 K_COLUMNS = 10  # k1 (4), k2 (4), za, zc
 BWD, DBWD, JVP = 0, 1, 2
@@ -182,12 +182,12 @@ def bn_stats_kernel(part_ptr, P, rm_ptr, rv_ptr, w_ptr, b_ptr, params_ptr, mean_
             s = part_ptr + (c * P + i) * 3
             nb = tl.load(s, mask=inside, other=0).to(ACC)
             total = n + nb
-            frac = nb / tl.maximum(total, 1.0)
+            frac = div_rn(nb, tl.maximum(total, 1.0), ACC)
             delta = tl.load(s + 1, mask=inside, other=0).to(ACC) - mean
             mean += delta * frac
             m2 += tl.load(s + 2, mask=inside, other=0).to(ACC) + delta * delta * n * frac
             n = total
-        var = m2 / tl.maximum(n, 1.0)
+        var = div_rn(m2, tl.maximum(n, 1.0), ACC)
         if HAS_RUNNING:
             momentum = tl.load(params_ptr + 1).to(ACC)
             keep = tl.load(params_ptr + 2).to(ACC)
