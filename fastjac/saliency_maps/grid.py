@@ -39,7 +39,8 @@ def save_saliency_grid(images: Tensor, maps: Mapping[str, Tensor], path: Union[s
                        cmap: str = "inferno", cell_size: float = 1.6, dpi: int = 100) -> str:
     """Save a PNG grid: rows = images, columns = the input then ``maps[name]`` ``(N, H, W)`` per method.
 
-    Inputs are shown un-normalised (:func:`display_images`); each map is min–max rescaled per image and shown
+    Inputs are shown un-normalised (:func:`display_images`; RGB when ``C = 3``, else gray: the channel mean);
+    each map is min–max rescaled per image and shown
     with ``cmap``. Returns the written path (parent folders are created).
     """
     x = display_images(images, mean, std)
@@ -59,7 +60,9 @@ def save_saliency_grid(images: Tensor, maps: Mapping[str, Tensor], path: Union[s
     axes = fig.subplots(n, cols, squeeze=False)
     for i in range(n):
         image = x[i].numpy()
-        axes[i][0].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        if image.shape[-1] != 3:  # gray; other channel counts are shown as their channel mean
+            image = image.mean(-1)
+        axes[i][0].imshow(image, cmap="gray", vmin=0, vmax=1)
         for j, m in enumerate(maps.values(), start=1):
             shown = rescale_unit(m[i].detach().to("cpu", torch.float64), dims=(0, 1))
             axes[i][j].imshow(shown.numpy(), cmap=cmap, vmin=0, vmax=1)
