@@ -152,7 +152,8 @@ def test_smoothgrad_without_noise_is_the_input_gradient():
 
 
 def test_smoothgrad_noise_has_the_stated_scale():
-    """With f(x) = Σ w ⊙ x², ∇f = 2 w ⊙ x, so SG-squared = Σ_c 4 w² (x² + σ²) on average: σ is recovered."""
+    """With f(x) = Σ w ⊙ x², ∇f = 2 w ⊙ x, so E[SG-squared] = Σ_c 4 w² (x² + σ²) with σ = noise_level · range
+    per image. Images of ranges 2 and 1 (σ = 0.4, 0.2): relative standard error of each image's mean ≈ 1 %."""
     torch.manual_seed(0)
 
     class Quadratic(nn.Module):
@@ -163,12 +164,12 @@ def test_smoothgrad_noise_has_the_stated_scale():
         def forward(self, x):
             return (self.w * x.square()).flatten(1).sum(1, keepdim=True)
 
-    model, x = Quadratic(), torch.rand(2, 2, 4, 4, dtype=torch.float64)
-    got = fastjac.saliency(model, x, method="smoothgrad_squared", samples=4000, noise_level=0.2)
-    sigma = 0.2 * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
-    expected = (4 * model.w.detach().square() * (x.square() + sigma.view(-1, 1, 1, 1) ** 2)).sum(1)
-    # 4000 samples: relative standard error of each pixel's mean about 2-3 %.
-    torch.testing.assert_close(got.mean((1, 2)), expected.mean((1, 2)), rtol=0.03, atol=0)
+    model, x = Quadratic(), torch.zeros(2, 2, 4, 4, dtype=torch.float64)
+    x[0, 0, 0, 0], x[1, 1, 3, 3] = 2.0, -1.0
+    got = fastjac.saliency(model, x, method="smoothgrad_squared", samples=1000, noise_level=0.2)
+    sigma = torch.tensor([0.4, 0.2], dtype=torch.float64).view(-1, 1, 1, 1)
+    expected = (4 * model.w.detach().square() * (x.square() + sigma ** 2)).sum(1)
+    torch.testing.assert_close(got.mean((1, 2)), expected.mean((1, 2)), rtol=0.05, atol=0)
 
 
 def test_gradcam_matches_a_hand_computed_reference():
@@ -191,10 +192,10 @@ def test_gradcam_matches_a_hand_computed_reference():
     assert pre.shape == (2, 12, 12) and (pre >= 0).all()
 
 
-def test_default_gradcam_layers():
+def test_default_gradcam_layers_of_our_models():
     assert default_gradcam_layer(_small_vgg(), torch.randn(1, 3, 16, 16)) == "features.9"
-    tv = torchvision.models.resnet18(num_classes=3).eval()
-    assert default_gradcam_layer(tv, torch.randn(1, 3, 32, 32)) == "layer4.1.relu"
+    resnet = build_model({"arch": "resnet18", "num_classes": 3, "in_channels": 3}).eval()
+    assert default_gradcam_layer(resnet, torch.randn(1, 3, 8, 8)) == "layer4.1.act2"
 
 
 # ---------------------------------------------------------------- every method: contract --------------------
@@ -216,14 +217,15 @@ def test_every_method_shape_determinism_chunking_and_no_side_effects(method):
     assert torch.equal(other, maps) != (method in RANDOM_METHODS)
 
 
-@pytest.mark.parametrize("arch, methods", [
-    ("resnet18", sorted(METHODS)),
-    ("vgg16_bn", ["fullgrad", "gradcam", "input_x_gradient"]),  # the rest only wrap input gradients
+@pytest.mark.parametrize("arch, methods, cam_layer", [
+    ("resnet18", sorted(METHODS), "layer4.1.relu"),
+    ("vgg16_bn", ["fullgrad", "gradcam", "input_x_gradient"], "features.42"),  # the rest wrap input gradients
 ])
-def test_methods_on_torchvision_models(arch, methods):
+def test_methods_on_torchvision_models(arch, methods, cam_layer):
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
+    assert default_gradcam_layer(model, x) == cam_layer
     for method in methods:
         maps = fastjac.saliency(model, x, method=method, **CHEAP.get(method, {}))
         assert maps.shape == (1, 32, 32) and maps.isfinite().all() and (maps >= 0).all(), method
