@@ -37,6 +37,11 @@ __all__ = ["full_gradient_maps", "fullgrad_aggregate", "fullgrad"]
 _RESCALES = ("channel", "layer")
 
 
+def _check_rescale(rescale) -> None:
+    if rescale not in _RESCALES:
+        raise ValueError(f"rescale: expected one of {list(_RESCALES)}, got {rescale!r}")
+
+
 def full_gradient_maps(model: nn.Module, x: Tensor, target=None, *,
                        layers: Optional[Iterable[str]] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The raw (signed, un-post-processed) full-gradients of thesis Eq. 3.3: ``(∇ₓf ⊙ x, {layer: f^b_l})``.
@@ -57,8 +62,7 @@ def fullgrad_aggregate(input_term: Tensor, bias_gradients: dict[str, Tensor], re
     ``input_term`` is ``∇ₓf ⊙ x`` ``(N, C, H, W)``; non-spatial (not 4-D) bias-gradients are skipped. See the
     module docstring for the channel handling of ``rescale`` (``"channel"`` or ``"layer"``).
     """
-    if rescale not in _RESCALES:
-        raise ValueError(f"rescale: expected one of {list(_RESCALES)}, got {rescale!r}")
+    _check_rescale(rescale)
     size = input_term.shape[-2:]
     total = rescale_unit(input_term.abs().sum(1, keepdim=True), dims=(2, 3))
     dims = (2, 3) if rescale == "channel" else (1, 2, 3)
@@ -85,8 +89,7 @@ def fullgrad(model: nn.Module, x: Tensor, target: Tensor, layers: Optional[Seque
     Options: ``layers`` — names (``model.named_modules()``) of the biased layers whose bias-gradients enter the
     map (default: all with a spatial output); ``rescale`` — ``"channel"`` (Eq. 3.2) or ``"layer"``.
     """
-    if rescale not in _RESCALES:
-        raise ValueError(f"rescale: expected one of {list(_RESCALES)}, got {rescale!r}")
+    _check_rescale(rescale)
     if layers is not None:
         layers = _layer_names(layers)
         try:
