@@ -82,7 +82,7 @@ def render(res: dict) -> str:
            "## Forward + backward + double backward (ms, median)", "",
            "| op | shape | dtype | " + " | ".join(names) + " | floor | " + " | ".join(
                f"{n} vs torch" for n in names[1:]) + " | notes |",
-           "|" + "---|" * (4 + 2 * len(names)) + "---|"]
+           "|" + "---|" * (4 + 2 * len(names))]
     for r in res["ops"]:
         t = [r.get(n) for n in names]
         speed = [f"{t[0] / x:.1f}×" if x else "—" for x in t[1:]]
