@@ -11,9 +11,35 @@ pure-PyTorch reference (:mod:`fastjac.reference`) instead: correct to any order,
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
+
+
+_VARARGS = inspect.Signature([inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)])
+
+
+def direct(op) -> Callable:
+    """Call the custom op ``op``'s Python implementation without the dispatcher round trip, when that is safe.
+
+    Inside an ``autograd.Function.forward`` autograd is already below us, so in plain eager mode going through
+    the custom op's dispatch (autograd key -> redispatch -> backend implementation, ~40 µs on CPU per call,
+    measured) buys nothing. Whenever something may be tracing — ``torch.compile``, a dispatch mode on the stack
+    (FakeTensorMode, AOT autograd's proxy mode, opcheck), or a tensor subclass among the arguments — the op
+    itself is called, so traced graphs hold the registered op with its fake kernel as before.
+    """
+    impl = getattr(op, "_init_fn", None)  # torch.library.CustomOpDef keeps the decorated function here
+    if impl is None:
+        return op
+
+    def run(*args):
+        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)):
+            return op(*args)
+        return impl(*args)
+
+    return run
 
 
 def differentiable(
@@ -32,10 +58,14 @@ def differentiable(
 
     op.register_autograd(backward, setup_context=_setup)
 
-    run = forward or op
+    run = forward or direct(op)
 
     def forward(*args):
         return run(*args)
+
+    # autograd.Function.apply binds the arguments against inspect.signature(forward) on every call; a
+    # precomputed signature halves the Python cost of a fused-op call (measured: ~100 -> ~50 µs on CPU).
+    forward.__signature__ = _VARARGS
 
     def setup_both(ctx, inputs, output):
         _setup(ctx, inputs, output)

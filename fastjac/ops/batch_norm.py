@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
-from .._autograd import differentiable, reference_links, save_inputs, saved_inputs
+from .._autograd import differentiable, direct, reference_links, save_inputs, saved_inputs
 from ._checks import check_channel_vector, check_float_tensor
 
 
@@ -152,10 +152,13 @@ _backward_ref_vjp, _backward_ref_jvp = reference_links(reference.bn_bwd)
 _dbwd_vjp, _dbwd_jvp = reference_links(reference.bn_dbwd)
 _jvp_vjp, _jvp_jvp = reference_links(reference.bn_jvp)
 
+_batch_norm_direct = direct(_batch_norm_op)
+
+
 def _forward_and_update(x, weight, bias, running_mean, running_var, training, momentum, eps, relu):
     """The op, then the one and only running-statistics update. Inside the autograd.Function's forward
     this sees plain tensors even under torch.func transforms, as PyTorch's own batch norm does."""
-    out = _batch_norm_op(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+    out = _batch_norm_direct(x, weight, bias, running_mean, running_var, training, momentum, eps, relu)
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(out[3])
