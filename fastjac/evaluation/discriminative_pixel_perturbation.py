@@ -77,7 +77,8 @@ def _fixed_cell(ctx: EvalContext, options, cell: Cell) -> Cell:
 
 def plot(rows: list[dict], png: str) -> None:
     """Accuracy vs k, one curve per setting and gradient source (Fig. 5.3a/b in one plot)."""
-    common.plot_curves(rows, png, "k_percent", "accuracy", None, ("setting", "gradients_of"),
+    label = ("setting", "gradients_of") + (("seed",) if len({r["seed"] for r in rows}) > 1 else ())
+    common.plot_curves(rows, png, "k_percent", "accuracy", None, label,
                        "% pixels replaced by the image mean (least relevant)", "accuracy (%)",
                        "Discriminative pixel perturbation (higher is better)")
 
