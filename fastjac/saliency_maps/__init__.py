@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["METHODS", "register", "saliency", "resolve_target"]
+__all__ = ["METHODS", "full_gradient_maps", "register", "resolve_target", "saliency", "save_saliency_grid"]
 
 METHODS: dict[str, Callable[..., Tensor]] = {}
 
@@ -92,3 +92,6 @@ def saliency(model: nn.Module, x: Tensor, target=None, method: str = "fullgrad",
 
 
 from . import gradients  # noqa: E402,F401  (registers input_gradient, input_x_gradient, random)
+from . import fullgrad, gradcam, integrated_gradients, smoothgrad  # noqa: E402,F401  (register the others)
+from .fullgrad import full_gradient_maps  # noqa: E402
+from .grid import save_saliency_grid  # noqa: E402
