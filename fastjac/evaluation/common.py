@@ -135,6 +135,7 @@ def plot_curves(rows: list[dict], png: str, x: str, y: str, yerr: Optional[str],
                 xlabel: str, ylabel: str, title: str, logx: bool = False) -> None:
     """One line (with error bars ``yerr`` when given) per distinct value of the ``label`` columns, ``y`` vs ``x``."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -149,8 +150,11 @@ def plot_curves(rows: list[dict], png: str, x: str, y: str, yerr: Optional[str],
         ys = [float(r[y]) for r in items]
         errs = [float(r[yerr]) for r in items] if yerr else None
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
-    if logx:
+    if logx:  # ticks at the measured k, labelled plainly (0.1, 1, 10 rather than 10^-1 ...)
+        ticks = sorted({float(r[x]) for r in rows if float(r[x]) > 0})
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
