@@ -130,16 +130,16 @@ def test_perturbation_curve_matches_a_brute_force_computation():
 
 # Measured (100 test images, seeds 0 and 1 of the random maps): mean absolute fractional logit change at
 # k = 5/10/20/30/50 %: fullgrad 0.002/0.006/0.028/0.074/0.36, input_gradient 0.15/0.27/0.44/0.56/0.76, random
-# 0.24/0.42/0.62/0.74/0.86 (seed 1 within 0.015 of seed 0); the smallest gap (0.09) is several times the standard
-# error of the mean difference (per-image std <= 0.85 over 100 images: <= 0.085 for the unpaired worst case, and
-# the seed-to-seed spread of the random curve is 0.015).
+# 0.24/0.42/0.62/0.74/0.86 (seed 1 within 0.015 of seed 0). Tested at k <= 30 %, where the input-gradient gap
+# (0.09/0.15/0.18/0.19) is 2-3 unpaired standard errors of the difference of means over these 100 images
+# (per-image stds 0.19-0.73), and FullGrad's gap is far larger; at 50 % the input-gradient gap (0.10) is < 1 SE.
 @pytest.mark.parametrize("method", ["input_gradient", "fullgrad"])
 def test_saliency_curve_lies_below_the_random_baseline(method):
     if method not in METHODS:
         pytest.skip(f"saliency method {method!r} is not registered in this build (branch sal)")
     model = trained_digits_model()
     x = digits_data()[2][:100]
-    fractions = [0.05, 0.1, 0.2, 0.3, 0.5]
+    fractions = [0.05, 0.1, 0.2, 0.3]
     rows = perturbation_curve(model, x, {method: {}, "random": {}}, fractions, black_pixel("digits", 1),
                               seed=0, batch_size=100)
     curve = {(r["method"], r["fraction"]): r["mean"] for r in rows}
