@@ -15,7 +15,7 @@ from ..training.config import ConfigError
 from .pixel_removal import FILLS
 from .registry import Cell, EvalContext
 
-__all__ = ["option_error", "check_methods", "check_fractions", "check_positive", "check_choice", "select_cells",
+__all__ = ["option_error", "check_methods", "check_fractions", "check_positive", "check_choice", "check_fill", "select_cells",
            "test_images", "batched_logits", "saliency_maps", "plot_curves"]
 
 
