@@ -15,8 +15,8 @@ from ..training.config import ConfigError
 from .pixel_removal import FILLS
 from .registry import Cell, EvalContext
 
-__all__ = ["option_error", "check_methods", "check_fractions", "check_positive", "check_choice", "check_fill", "select_cells",
-           "test_images", "batched_logits", "saliency_maps", "plot_curves"]
+__all__ = ["option_error", "check_methods", "check_fractions", "check_positive", "check_choice", "check_fill",
+           "select_cells", "test_images", "batched_logits", "saliency_maps", "plot_curves"]
 
 
 def option_error(evaluation: str, option: str, message: str) -> ConfigError:
