@@ -298,11 +298,12 @@ def test_imagenet_loader_on_synthetic_jpegs(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name, options, match", [
     ("pixel_perturbation", {"methods": ["input_gradient", "nope"]}, r"evaluations.pixel_perturbation.methods.nope: "
                                                                      r"unknown saliency method 'nope'"),
-    ("pixel_perturbation", {"methods": ["random"], "fractions": [0.0, 0.5]}, r"evaluations.pixel_perturbation.fractions"),
-    ("pixel_perturbation", {"methods": ["random"], "fractions": [1.5]}, r"evaluations.pixel_perturbation.fractions"),
+    ("pixel_perturbation", {"methods": ["random"], "fractions": [0.0, 0.5]}, r"evaluations.pixel_perturbation.fract"),
+    ("pixel_perturbation", {"methods": ["random"], "fractions": [1.5]}, r"evaluations.pixel_perturbation.fract"),
     ("pixel_perturbation", {"methods": ["random"], "output": "prob"}, r"evaluations.pixel_perturbation.output"),
     ("pixel_perturbation", {"methods": ["random"], "fill": "grey"}, r"evaluations.pixel_perturbation.fill"),
-    ("pixel_perturbation", {"methods": {"random": {"steps": 3}}}, r"evaluations.pixel_perturbation.methods.random.*steps"),
+    ("pixel_perturbation", {"methods": {"random": {"steps": 3}}},
+     r"evaluations.pixel_perturbation.methods.random.*steps"),
     ("pixel_perturbation", {"methods": ["random"], "images": 0}, r"evaluations.pixel_perturbation.images"),
     ("pixel_perturbation", {"methods": ["random"], "colour": 1}, r"evaluations.pixel_perturbation: unknown field"),
     ("roar", {"methods": ["random"], "seeds": []}, r"evaluations.roar.seeds"),
@@ -313,7 +314,8 @@ def test_imagenet_loader_on_synthetic_jpegs(tmp_path, monkeypatch):
      r"evaluations.discriminative_pixel_perturbation.gradient_method.gradients: unknown saliency method"),
     ("discriminative_pixel_perturbation", {"settings": ["own", "other"]},
      r"evaluations.discriminative_pixel_perturbation.settings"),
-    ("discriminative_pixel_perturbation", {"fractions": "0.5"}, r"evaluations.discriminative_pixel_perturbation.fractions"),
+    ("discriminative_pixel_perturbation", {"fractions": "0.5"},
+     r"evaluations.discriminative_pixel_perturbation.fractions"),
 ])
 def test_bad_options_raise_config_errors_naming_the_option(name, options, match):
     with pytest.raises(ConfigError, match=match):

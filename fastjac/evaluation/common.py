@@ -97,7 +97,8 @@ def select_cells(ctx: EvalContext, evaluation: str, runs: Optional[list]) -> lis
     if runs is None:
         return list(ctx.cells)
     if not isinstance(runs, list) or not runs or not all(isinstance(r, str) for r in runs):
-        raise option_error(evaluation, "runs", f"expected null or a list of the experiment's method names, got {runs!r}")
+        raise option_error(evaluation, "runs", f"expected null or a list of the experiment's method names, "
+                                               f"got {runs!r}")
     known = [c.method for c in ctx.cells]
     missing = [r for r in runs if r not in known]
     if missing:

@@ -44,8 +44,8 @@ def removal_masks(saliency: Tensor, fraction: float, which: str = "least") -> Te
     if which not in WHICH:
         raise ValueError(f"which: expected one of {list(WHICH)}, got {which!r}")
     if not isinstance(saliency, Tensor) or saliency.dim() != 3 or not saliency.is_floating_point():
-        raise ValueError(f"saliency: expected a floating-point tensor of shape (N, H, W), got "
-                         f"{getattr(saliency, 'dtype', type(saliency).__name__)} {tuple(getattr(saliency, 'shape', ()))}")
+        got = f"{getattr(saliency, 'dtype', type(saliency).__name__)} {tuple(getattr(saliency, 'shape', ()))}"
+        raise ValueError(f"saliency: expected a floating-point tensor of shape (N, H, W), got {got}")
     if torch.isnan(saliency).any():
         raise ValueError("saliency: contains NaN values; removal order is undefined")
     n, h, w = saliency.shape

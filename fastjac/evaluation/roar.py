@@ -153,7 +153,8 @@ def roar(ctx: EvalContext, options: RoarOptions) -> list[dict]:
 
     def retrain_all(method: str, k: float, run_data: RunData) -> list[float]:
         tag = f"k{100 * k:g}"
-        return [_retrain(ctx, retrain_config(cell.config, s, options.epochs, f"{ctx.cfg.name}/roar/{method}/{tag}/seed{s}"),
+        return [_retrain(ctx, retrain_config(cell.config, s, options.epochs,
+                                             f"{ctx.cfg.name}/roar/{method}/{tag}/seed{s}"),
                          os.path.join(folder, method, tag, f"seed{s}"), run_data) for s in options.seeds]
 
     rows = [_row("none", 0.0, retrain_all("none", 0.0, data))]
