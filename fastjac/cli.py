@@ -70,11 +70,12 @@ def _run(args) -> int:
     if rank == 0:
         from .training.report import table
 
-        print(table(out))
+        if results:  # epochs: 0 trains nothing: only the evaluations' tables (OUT/evaluations/<name>/)
+            print(table(out))
         print(f"results in {out}")
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0 if results else 1
+    return 0 if results or cfg.evaluations else 1
 
 
 def _table(args) -> int:

@@ -74,9 +74,10 @@ class EvalContext:
     """What an evaluation sees: the experiment config, its trained runs, data, device and output folder."""
 
     def __init__(self, cfg: RunConfig, out: str, cells: list[Cell], data_root: str | None = None,
-                 device: str = "cpu", log: Callable = print, progress: bool = False):
+                 device: str = "cpu", log: Callable = print, progress: bool = False, resume: bool = False):
         self.cfg, self.out, self.cells = cfg, out, cells
         self.data_root, self.device, self.log, self.progress = data_root, torch.device(device), log, progress
+        self.resume = resume  # evaluations that train (ROAR) skip finished runs and continue killed ones
 
     def cell(self, method: str, seed: Optional[int] = None) -> Cell:
         """The run of ``method`` (the first seed unless ``seed`` is given); errors list the methods there are."""
@@ -89,7 +90,10 @@ class EvalContext:
     def model(self, cell: Cell) -> nn.Module:
         """The run's model in eval mode on the device: its trained ``model.pt``, or (experiments with
         ``epochs: 0``) the model the config describes, pretrained weights included."""
-        spec = dict(cell.config.model)
+        from ..training.trainer import model_spec
+
+        root = self.data_root if self.data_root is not None else cell.config.data.root
+        spec = model_spec(cell.config.model, root)  # {data_root} in weights, as in teacher.checkpoint
         path = os.path.join(cell.run_dir, "model.pt")
         if os.path.isfile(path):
             spec["weights"] = path

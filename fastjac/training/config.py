@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"              # cifar10 | cifar100 | mit_indoor | digits
+    dataset: str = "digits"              # cifar10 | cifar100 | mit_indoor | imagenet | digits
     root: Optional[str] = None           # data root (overridden by --data-root)
     per_class: Optional[int] = None      # few-samples-per-class subset of the training split (None: all)
     subset_seed: Optional[int] = None    # seed of the class-stratified subset draw (None: the run's seed)
@@ -39,7 +39,7 @@ class DataConfig:
     channels: int = 3                    # digits: copies of the grey channel
     test_fraction: float = 0.25          # digits: held-out fraction (class-stratified, fixed seed 0)
     train_limit: Optional[int] = None    # keep only the first N training examples (smoke configs)
-    test_limit: Optional[int] = None
+    test_limit: Optional[int] = None     # imagenet: only these files are read (seeded class-balanced order)
 
 
 @dataclass
@@ -148,7 +148,7 @@ def from_dict(cls, data: Any, path: str = "config"):
 
 
 _CHOICES = {
-    "data.dataset": ("cifar10", "cifar100", "mit_indoor", "digits"),
+    "data.dataset": ("cifar10", "cifar100", "mit_indoor", "imagenet", "digits"),
     "optim.name": ("adam", "sgd"),
     "schedule.name": ("constant", "multistep"),
 }

@@ -4,6 +4,10 @@
   ``test_batch``, key ``labels``) and ``cifar-100-python`` (``train``, ``test``, key ``fine_labels``).
 - MIT Indoor 67: ``Images/<class>/<file>.jpg`` with the lists ``TrainImages.txt`` / ``TestImages.txt`` (one
   ``<class>/<file>.jpg`` per line); images are decoded with PIL and resized when a split is loaded.
+- ImageNet (ILSVRC 2012) in torchvision's ImageFolder layout: ``root/train/<wnid>/*.JPEG`` and
+  ``root/val/<wnid>/*.JPEG`` (the ``test`` split); classes are the sorted folder names. Images are resized
+  (shorter side to ``image_size·256/224``, 256 at 224) and centre-cropped to ``image_size``; only the files a
+  ``limit`` keeps are decoded (see :func:`imagenet_order`).
 - scikit-learn's digits (bundled with scikit-learn, 1,797 8×8 images): the embedded real dataset, upsampled
   bilinearly to the model's input size, split into train/test by a seeded class-stratified draw.
 
@@ -26,6 +30,7 @@ NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "mit_indoor": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet statistics (teacher's input)
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "digits": ((0.3,), (0.4,)),  # about the mean/std of digits/16 (mostly background)
 }
 
@@ -123,8 +128,6 @@ def _read_list(path: str) -> list[str]:
 def load_mit_indoor(root: str, split: str, image_size: int = 224) -> ImageSet:
     """MIT Indoor 67 from ``root/Images/<class>/*.jpg`` and ``root/{Train,Test}Images.txt``; images resized
     (shorter side to ``image_size``, then centre crop ``image_size``²), uint8."""
-    from PIL import Image
-
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     images_dir = os.path.join(root, "Images")
@@ -141,23 +144,78 @@ def load_mit_indoor(root: str, split: str, image_size: int = 224) -> ImageSet:
         path = os.path.join(images_dir, entry)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"MIT Indoor: image {path!r} listed in the {split} split is missing")
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad files
-            raise ValueError(f"MIT Indoor: cannot decode image {path!r}: {exc}") from exc
-        out[i] = _resize_center_crop(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), image_size)
+        out[i] = _resize_center_crop(_decode_rgb(path, "MIT Indoor"), image_size)
         labels[i] = index[cls]
     return ImageSet(out, labels, classes)
 
 
-def _resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+def _resize_center_crop(img: torch.Tensor, size: int, resize: int | None = None) -> torch.Tensor:
+    """Shorter side to ``resize`` (default ``size``), bilinear with antialiasing, then the centre ``size``² crop."""
     _, h, w = img.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    resize = size if resize is None else resize
+    scale = resize / min(h, w)
+    nh, nw = max(resize, round(h * scale)), max(resize, round(w * scale))
     resized = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
     return resized[0, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+
+
+def _decode_rgb(path: str, what: str) -> torch.Tensor:
+    """An image file as a uint8 ``3 x H x W`` tensor (errors name the file)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises several types for bad files
+        raise ValueError(f"{what}: cannot decode image {path!r}: {exc}") from exc
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".webp")
+
+
+def imagenet_order(files_per_class: list[list[str]], seed: int = 0) -> list[tuple[int, str]]:
+    """The order in which ImageNet files are kept (so that a limit of N keeps the first N): each class's files
+    (sorted names) are shuffled by one generator seeded with ``seed``, drawn class by class in sorted class order;
+    then round-robin over the classes: the first file of every class, then the second of every class, ...
+    A limit of N therefore keeps ``N // classes`` or one more images of each class (balanced)."""
+    g = torch.Generator().manual_seed(seed)
+    shuffled = [[files[i] for i in torch.randperm(len(files), generator=g).tolist()] for files in files_per_class]
+    order, depth = [], max((len(f) for f in shuffled), default=0)
+    for r in range(depth):
+        order += [(c, files[r]) for c, files in enumerate(shuffled) if r < len(files)]
+    return order
+
+
+def load_imagenet(root: str, split: str, image_size: int = 224, limit: int | None = None,
+                  seed: int = 0) -> ImageSet:
+    """ImageNet from ``root/train/<wnid>/*`` (``split="train"``) or ``root/val/<wnid>/*`` (``"test"``): the
+    first ``limit`` files (all when None) of :func:`imagenet_order`, each resized (shorter side to
+    ``round(image_size·256/224)``) and centre-cropped to ``image_size``², uint8. Only the kept files are read."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    folder = os.path.join(root, "train" if split == "train" else "val")
+    _require_dir(folder, f"ImageNet {split} split (<wnid>/<file>.JPEG folders)")
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if not classes:
+        raise FileNotFoundError(f"ImageNet: no class folders in {folder!r} (expected {folder}/<wnid>/<file>.JPEG)")
+    files = [sorted(f for f in os.listdir(os.path.join(folder, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+             for c in classes]
+    order = imagenet_order(files, seed)
+    if not order:
+        raise FileNotFoundError(f"ImageNet: no image files under {folder!r}")
+    order = order[:limit] if limit is not None else order
+    resize = round(image_size * 256 / 224)
+    out = torch.empty((len(order), 3, image_size, image_size), dtype=torch.uint8)
+    labels = torch.empty(len(order), dtype=torch.long)
+    for i, (c, name) in enumerate(order):
+        out[i] = _resize_center_crop(_decode_rgb(os.path.join(folder, classes[c], name), "ImageNet"), image_size,
+                                     resize)
+        labels[i] = c
+    return ImageSet(out, labels, classes)
 
 
 def load_digits(split: str, image_size: int = 32, channels: int = 1, test_fraction: float = 0.25,
@@ -232,7 +290,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, crop_padding: int 
 
 
 def load_dataset(name: str, split: str, root: str | None = None, **kwargs) -> ImageSet:
-    """Dispatch: ``cifar10``, ``cifar100``, ``mit_indoor`` (need ``root``), ``digits`` (bundled)."""
+    """Dispatch: ``cifar10``, ``cifar100``, ``mit_indoor``, ``imagenet`` (need ``root``), ``digits`` (bundled)."""
     if name == "digits":
         return load_digits(split, **kwargs)
     if root is None:
@@ -241,4 +299,6 @@ def load_dataset(name: str, split: str, root: str | None = None, **kwargs) -> Im
         return load_cifar(root, name, split)
     if name == "mit_indoor":
         return load_mit_indoor(root, split, **kwargs)
-    raise ValueError(f"dataset must be one of cifar10, cifar100, mit_indoor, digits; got {name!r}")
+    if name == "imagenet":
+        return load_imagenet(root, split, **kwargs)
+    raise ValueError(f"dataset must be one of cifar10, cifar100, mit_indoor, imagenet, digits; got {name!r}")

@@ -81,7 +81,8 @@ def run_experiment(cfg: RunConfig, out: str, data_root: str | None = None, resum
         result = _run_one(run_cfg, run_dir, data_root, resume, progress, device, log)
         results.append({**cell, **result})
     if cfg.evaluations:
-        ctx = EvalContext(cfg, out, cells, data_root=data_root, device=device, log=log, progress=progress)
+        ctx = EvalContext(cfg, out, cells, data_root=data_root, device=device, log=log, progress=progress,
+                          resume=resume)
         run_evaluations(ctx, cfg.evaluations, resume=resume)
     return results
 

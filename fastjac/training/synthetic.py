@@ -68,3 +68,22 @@ def write_mit_indoor(root: str, n_classes: int = 3, train_per_class: int = 4, te
         with open(os.path.join(root, fname), "w") as f:
             f.write("\n".join(lines) + "\n")
     return root
+
+
+def write_imagenet(root: str, n_classes: int = 3, train_per_class: int = 2, val_per_class: int = 2,
+                   size: tuple[int, int] = (40, 48), seed: int = 0) -> str:
+    """Write an ImageNet ImageFolder tree: ``train/<wnid>/<wnid>_<i>.JPEG`` and ``val/<wnid>/<wnid>_<i>.JPEG``
+    (wnids ``n00000000``, ``n00000001``, ...) of small class-dependent JPEGs; returns ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    splits = ["train"] * (n_classes * train_per_class) + ["val"] * (n_classes * val_per_class)
+    labels = np.concatenate([np.repeat(np.arange(n_classes), train_per_class),
+                             np.repeat(np.arange(n_classes), val_per_class)])
+    images = _class_images(rng, labels, n_classes, (3,) + tuple(size))  # one colour per class in both splits
+    for i, (split, label, img) in enumerate(zip(splits, labels, images)):
+        wnid = f"n{label:08d}"
+        folder = os.path.join(root, split, wnid)
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(img.transpose(1, 2, 0)).save(os.path.join(folder, f"{wnid}_{i}.JPEG"), quality=95)
+    return root

@@ -72,6 +72,23 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def resolve_data_root(path: str, data_root: str | None, field: str) -> str:
+    """``path`` with ``{data_root}`` replaced by the data root (errors name the config ``field``)."""
+    if "{data_root}" in path:
+        if data_root is None:
+            raise ValueError(f"{field} {path!r} refers to {{data_root}}: pass --data-root")
+        path = path.replace("{data_root}", data_root)
+    return path
+
+
+def model_spec(spec: dict, data_root: str | None, field: str = "model") -> dict:
+    """A copy of a model mapping whose ``weights`` path has ``{data_root}`` resolved."""
+    spec = dict(spec)
+    if isinstance(spec.get("weights"), str):
+        spec["weights"] = resolve_data_root(spec["weights"], data_root, f"{field}.weights")
+    return spec
+
+
 def load_teacher(cfg: RunConfig, device: torch.device, data_root: str | None = None) -> nn.Module | None:
     """The teacher model in eval mode with its weights from ``teacher.checkpoint`` (a run dir or a file;
     ``{data_root}`` in the path is replaced by the data root)."""
@@ -81,10 +98,7 @@ def load_teacher(cfg: RunConfig, device: torch.device, data_root: str | None = N
     path = cfg.teacher.checkpoint
     if path is None:
         raise ValueError("teacher.checkpoint: the path of a trained teacher (run directory or .pt file) is required")
-    if "{data_root}" in path:
-        if data_root is None:
-            raise ValueError(f"teacher.checkpoint {path!r} refers to {{data_root}}: pass --data-root")
-        path = path.replace("{data_root}", data_root)
+    path = resolve_data_root(path, data_root, "teacher.checkpoint")
     if os.path.isdir(path):
         path = os.path.join(path, "model.pt")
     spec["weights"] = path
@@ -105,22 +119,29 @@ class RunData:
     subset_indices: torch.Tensor   # indices of the kept training examples in the (limited) training split
 
 
-def load_run_data(cfg: RunConfig, data_root: str | None = None) -> RunData:
-    """The training and test images of ``cfg.data`` as the trainer uses them (``data_root`` overrides
-    ``data.root``)."""
+def load_split(cfg: RunConfig, split: str, data_root: str | None = None) -> data_io.ImageSet:
+    """One split (``train``/``test``) of ``cfg.data`` after its ``train_limit``/``test_limit`` (``data_root``
+    overrides ``data.root``); ImageNet folders read only the files within the limit."""
     d = cfg.data
     root = data_root if data_root is not None else d.root
+    limit = d.train_limit if split == "train" else d.test_limit
     kwargs: dict[str, Any] = {}
     if d.dataset == "digits":
         kwargs = dict(image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction)
     elif d.dataset == "mit_indoor":
         kwargs = dict(image_size=d.image_size)
-    train = data_io.load_dataset(d.dataset, "train", root, **kwargs)
-    test = data_io.load_dataset(d.dataset, "test", root, **kwargs)
-    if d.train_limit:
-        train = train.subset(range(min(d.train_limit, len(train))))
-    if d.test_limit:
-        test = test.subset(range(min(d.test_limit, len(test))))
+    elif d.dataset == "imagenet":
+        kwargs = dict(image_size=d.image_size, limit=limit or None)
+    images = data_io.load_dataset(d.dataset, split, root, **kwargs)
+    return images.subset(range(min(limit, len(images)))) if limit else images
+
+
+def load_run_data(cfg: RunConfig, data_root: str | None = None) -> RunData:
+    """The training and test images of ``cfg.data`` as the trainer uses them (``data_root`` overrides
+    ``data.root``)."""
+    d = cfg.data
+    train = load_split(cfg, "train", data_root)
+    test = load_split(cfg, "test", data_root)
     subset_seed = cfg.seed if d.subset_seed is None else d.subset_seed
     indices = data_io.stratified_subset(train.labels, d.per_class, subset_seed)
     train = train.subset(indices)
@@ -156,7 +177,7 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed, cfg.deterministic)
         self._load_data()
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(model_spec(cfg.model, self.data_root)).to(self.device)
         self.teacher = load_teacher(cfg, self.device, self.data_root)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
