@@ -68,4 +68,7 @@ def test_smoke_config_runs_end_to_end(name, data_root, tmp_path):
     text = table(str(tmp_path / "out"))
     for method in (cfg.sweep.methods if cfg.sweep else {}):
         assert f"| {method} |" in text
+    for evaluation in cfg.evaluations:  # every listed evaluation wrote its table and plot
+        folder = tmp_path / "out" / "evaluations" / evaluation
+        assert (folder / "table.csv").is_file() and (folder / "plot.png").is_file(), evaluation
     print(f"{name}: {len(results)} runs in {time.perf_counter() - t0:.1f} s")
