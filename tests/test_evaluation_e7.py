@@ -1,5 +1,6 @@
-"""E7 evaluations (thesis §5.5.1, appendix §5.7.2): density ratios, class-conditional sampling, GAN-test,
-gradient fooling (Eq. 5.7), their config wiring (smoke_e7 end to end through the CLI) and option errors."""
+"""E7 evaluations (thesis §5.5.1, appendix §5.7.2, §5.10): density ratios, class-conditional sampling,
+GAN-test, denoising, gradient fooling (Eq. 5.7), their config wiring (smoke_e7 end to end through the CLI) and
+option errors."""
 import copy
 import csv
 import math
@@ -145,6 +146,17 @@ def test_samplers_are_deterministic_under_a_seed_and_independent_of_batching():
         sampling.langevin(model, x0, classes, step_size=0)
 
 
+def test_denoising_moves_noisy_images_back_to_the_mode():
+    # f_i(x) = -||x - c_i||^2/2 has its mode at the "clean image" c_i: gradient ascent x <- x + a (c_i - x) shrinks the
+    # distance by (1 - a) per step, so 20 steps of a = 0.2 leave 0.8^20 ~ 1.2 % of it (exactly, without clamping).
+    clean = torch.randn(6, 1, 3, 3)
+    model = _Quadratic(clean)
+    classes = torch.arange(6)
+    start, result = sampling.denoise(model, clean, classes, noise_std=0.1, sampler="ascent", steps=20, step_size=0.2)
+    torch.testing.assert_close(result.samples - clean, (start - clean) * 0.8 ** 20, rtol=1e-4, atol=1e-6)
+    assert 0.05 < float((start - clean).std()) < 0.15  # the noise has the asked std (54 draws)
+
+
 # --- GAN-test (§5.5.1, Table 5.1) ---------------------------------------------------------------------------
 def _logistic_regression_classifier():
     """An independently trained classifier of the 16x16 digits: scikit-learn's logistic regression as a module."""
@@ -225,6 +237,8 @@ def test_fine_tuning_with_the_fooling_loss_moves_logit_gradients_into_the_mask()
     ("gan_test", {"steps": 0}, "steps"),
     ("gan_test", {"classes": [1, -2]}, "classes"),
     ("gan_test", {"paper": {"baseline": "high"}}, "paper.baseline"),
+    ("denoising", {"noise_std": 0.0}, "noise_std"),
+    ("denoising", {"sampler": "ddpm"}, "sampler"),
     ("gradient_fooling", {"mask_size": 1.5}, "mask_size"),
     ("gradient_fooling", {"mask_top": 1.0}, "mask_top"),
     ("gradient_fooling", {"weight": -1.0}, "weight"),
@@ -266,7 +280,7 @@ def test_smoke_e7_runs_every_evaluation_through_the_cli(tmp_path, capsys):
             "--set", "sweep.methods={baseline: {loss: {ce: 1.0}}, gradient-norm: {loss: {ce: 1.0, gradient_norm: 0.001}}}"]
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
-    for name in ("density_ratio", "gan_test", "gradient_fooling"):
+    for name in ("density_ratio", "gan_test", "denoising", "gradient_fooling"):
         folder = out / "evaluations" / name
         assert (folder / "table.csv").is_file() and (folder / "plot.png").stat().st_size > 0, name
         assert f"evaluation {name}" in printed
@@ -278,6 +292,9 @@ def test_smoke_e7_runs_every_evaluation_through_the_cli(tmp_path, capsys):
     assert all(0 <= float(r["gan_test"]) <= 100 and r["samples"] == "2" for r in gan)
     assert (out / "evaluations" / "gan_test" / "classifier" / "result.json").is_file()
     assert (out / "evaluations" / "gan_test" / "samples_baseline_seed0.png").is_file()
+    denoised = _rows(out / "evaluations" / "denoising" / "table.csv")
+    assert [r["method"] for r in denoised] == ["baseline", "gradient-norm"]
+    assert all(float(r["mse_noisy"]) > 0 for r in denoised)
     fool = _rows(out / "evaluations" / "gradient_fooling" / "table.csv")
     assert [r["model"] for r in fool] == ["original", "fooled"]
     assert abs(float(fool[0]["mask_area"]) - 225 / 1024) < 1e-9

@@ -109,5 +109,6 @@ def evaluate_density_ratio(ctx: EvalContext, options: DensityRatioOptions) -> li
                          "std_dev": float(r.std()) if r.numel() > 1 else 0.0,
                          "q25": float(r.quantile(0.25)), "median": float(r.median()), "q75": float(r.quantile(0.75)),
                          "images": x.shape[0], "draws": options.draws})
-        ctx.log(f"  {NAME} {cell.method}: " + ", ".join(f"σ={r['std']}: {r['mean']:.3g}" for r in rows[-len(options.stds):]))
+        mine = rows[-len(options.stds):]
+        ctx.log(f"  {NAME} {cell.method}: " + ", ".join(f"σ={r['std']}: {r['mean']:.3g}" for r in mine))
     return rows

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import option_checks as check
 from . import sampling
-from .images import denormalize, save_grid, valid_range
+from .images import denormalize, file_stem, save_grid, valid_range
 from .model_outputs import check_classes, eval_mode
 from .registry import EvalContext, register
 from .runs import selected_cells
@@ -193,10 +193,6 @@ def independent_classifier(ctx: EvalContext, options: GanTestOptions) -> tuple[n
 
 
 # --- the evaluation ------------------------------------------------------------------------------------------
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-=.," else "_" for ch in name)
-
-
 def plot_gan_test(rows: list[dict], path: str) -> None:
     """Bars of the GAN-test score per run, the published number as a black tick where given."""
     import matplotlib
@@ -258,7 +254,7 @@ def evaluate_gan_test(ctx: EvalContext, options: GanTestOptions) -> list[dict]:
         rows.append(row)
         ctx.log(f"  {NAME} {cell.method}: GAN-test {score:.2f} % (own model {own:.2f} %)")
         _save_sample_grid(result.samples, wanted, options, cell, os.path.join(
-            folder, f"samples_{_safe(cell.method)}_seed{cell.seed}.png"))
+            folder, f"samples_{file_stem(cell.method)}_seed{cell.seed}.png"))
     with open(os.path.join(folder, "classifier.json"), "w") as f:
         json.dump({"classifier": classifier_dir}, f)
     return rows

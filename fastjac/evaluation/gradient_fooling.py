@@ -20,6 +20,7 @@ import torch
 
 from . import fooling
 from . import option_checks as check
+from .images import file_stem
 from .registry import EvalContext, register
 from .runs import eval_inputs, selected_cells
 
@@ -33,8 +34,8 @@ class GradientFoolingOptions:
     ``mask_size`` as fractions of the image; default the thesis' 15 × 15 top-left square of a 32 × 32 image),
     the fooling weight λ, fine-tuning epochs / lr / optimizer / BatchNorm mode (``train``, or ``eval``: running
     statistics used and kept, see :func:`.fooling.fine_tune`) / batch size / number of training images
-    (0: the run's whole training set), ``images`` test images for the report, the temperature of the second
-    loss-gradient, seed, and the runs to fine-tune (``methods``, empty: all)."""
+    (0: the run's whole training set, else a seeded random subset), ``images`` test images for the report,
+    the temperature of the second loss-gradient, seed, and the runs to fine-tune (``methods``, empty: all)."""
 
     mask_top: float = 0.0
     mask_left: float = 0.0
@@ -127,12 +128,15 @@ def evaluate_gradient_fooling(ctx: EvalContext, options: GradientFoolingOptions)
         rows.append({**base, "model": "original", **measure(model, x, y, mask, options.temperature,
                                                            cell.config.data.eval_batch_size)})
         fooled = copy.deepcopy(model)
-        n_train = options.train_images or len(data.train_y)
-        history = fooling.fine_tune(fooled, data.train_x[:n_train], data.train_y[:n_train], mask, options.weight,
+        keep = torch.arange(len(data.train_y))
+        if options.train_images and options.train_images < len(keep):  # a seeded random subset
+            keep = torch.randperm(len(keep), generator=torch.Generator().manual_seed(options.seed))[:options.train_images]
+        history = fooling.fine_tune(fooled, data.train_x[keep], data.train_y[keep], mask, options.weight,
                                     options.epochs, options.lr, options.batch_size, options.seed,
                                     dataset=cell.config.data.dataset, augment=cell.config.data.augment,
-                                    optimizer=options.optimizer, batch_norm=options.batch_norm, log=ctx.log if ctx.progress else None)
-        torch.save(fooled.state_dict(), os.path.join(folder, f"fooled_{cell.method}_seed{cell.seed}.pt".replace("/", "_")))
+                                    optimizer=options.optimizer, batch_norm=options.batch_norm,
+                                    log=ctx.log if ctx.progress else None)
+        torch.save(fooled.state_dict(), os.path.join(folder, f"fooled_{file_stem(cell.method)}_seed{cell.seed}.pt"))
         last = history[-1] if history else {}
         rows.append({**base, "model": "fooled", **measure(fooled, x, y, mask, options.temperature,
                                                          cell.config.data.eval_batch_size),

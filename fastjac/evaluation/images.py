@@ -32,6 +32,11 @@ def denormalize(x: Tensor, dataset: str) -> Tensor:
     return (x * std + mean).clamp(0, 1)
 
 
+def file_stem(name: str) -> str:
+    """``name`` (a method such as ``lambda=0.01, mu=1e-05``) as a safe file-name part."""
+    return "".join(ch if ch.isalnum() or ch in "-=.," else "_" for ch in name)
+
+
 def save_grid(images: Tensor, path: str, row_labels: Optional[Sequence[str]] = None, title: str = "") -> str:
     """PNG of ``images`` ``(rows, cols, C, H, W)`` in [0, 1] (C = 1 or 3): one row per class, say."""
     import matplotlib
