@@ -73,7 +73,8 @@ class DensityRatioOptions:
 
 
 def plot_density_ratios(rows: list[dict], path: str) -> None:
-    """Mean log density ratio against σ (log-x) per method, interquartile band shaded (thesis Fig. 5.1)."""
+    """Mean log density ratio against σ (log-x) per method, interquartile band shaded (thesis Fig. 5.1); the y axis
+    is symmetric-log when the means exceed 100 in magnitude."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,6 +89,8 @@ def plot_density_ratios(rows: list[dict], path: str) -> None:
         ax.fill_between(stds, [float(r["q25"]) for r in mine], [float(r["q75"]) for r in mine],
                         color=line.get_color(), alpha=0.15)
     ax.axhline(0, color="k", lw=0.6)
+    if max(abs(float(r["mean"])) for r in rows) > 100:  # orders of magnitude between models: symmetric log axis
+        ax.set_yscale("symlog", linthresh=1.0)
     ax.set(xscale="log", xlabel="noise std σ (normalised input units)",
            ylabel="log density ratio  f_i(x+η) − f_i(x)", title="density ratios (lower is better)")
     ax.legend(fontsize=7)
