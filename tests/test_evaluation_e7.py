@@ -298,6 +298,7 @@ def test_smoke_e7_runs_every_evaluation_through_the_cli(tmp_path, capsys):
     fool = _rows(out / "evaluations" / "gradient_fooling" / "table.csv")
     assert [r["model"] for r in fool] == ["original", "fooled"]
     assert abs(float(fool[0]["mask_area"]) - 225 / 1024) < 1e-9
+    assert (out / "evaluations" / "gradient_fooling" / "maps_baseline_seed0.png").is_file()
     # --resume: nothing is trained or evaluated again (the classifier's result and the tables exist)
     stamp = os.path.getmtime(out / "evaluations" / "gan_test" / "classifier" / "model.pt")
     assert cli_main(args + ["--resume"]) == 0

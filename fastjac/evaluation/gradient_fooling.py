@@ -5,7 +5,8 @@ fixed square mask; then, for the original and the fine-tuned model, on test imag
 gradient energy inside the mask ``Σ_mask |g|² / Σ |g|²`` (and the ``Σ|g|`` share of Eq. 5.7's map) for
 logit-gradients ``∇ₓ f_i`` (fooled in the thesis: 83.85 % vs 22 % of the area), loss-gradients ``∇ₓ CE``
 (T = 1: not fooled, thesis) and loss-gradients at softmax temperature T (1000: partly fooled, 60.17 %).
-``i`` is the test label. The fine-tuned weights are saved next to the table (``fooled_<method>_seed<s>.pt``).
+``i`` is the test label. The fine-tuned weights are saved next to the table (``fooled_<method>_seed<s>.pt``), and
+the gradient maps in the layout of Fig. 5.5 (``maps_<method>_seed<s>.png``).
 
 The thesis fine-tunes a pretrained VGG-11 on CIFAR-100 and gives neither λ, the learning rate nor the number of
 epochs; ours are options (defaults measured on digits, see the configs).
@@ -20,7 +21,7 @@ import torch
 
 from . import fooling
 from . import option_checks as check
-from .images import file_stem
+from .images import file_stem, save_grid
 from .registry import EvalContext, register
 from .runs import eval_inputs, selected_cells
 
@@ -112,6 +113,21 @@ def plot_gradient_fooling(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def save_gradient_maps(original, fooled, x, y, mask, temperature: float, path: str, k: int = 6) -> str:
+    """PNG in the layout of thesis Fig. 5.5: the mask, then Eq. 5.7's unsigned maps of the first ``k`` images:
+    logit-gradients of the original and the fooled model, and the fooled model's loss-gradients at T = 1 and T
+    (each map scaled to its maximum)."""
+    x, y = x[:k], y[:k]
+    rows = [("original logit", original, "logit", 1.0), ("fooled logit", fooled, "logit", 1.0),
+            ("fooled loss", fooled, "loss", 1.0), (f"fooled loss T={temperature:g}", fooled, "loss", temperature)]
+    maps = [mask.float().expand(len(y), *mask.shape)]
+    for _, model, kind, temp in rows:
+        s = fooling.unsigned_saliency(fooling.input_gradients(model, x, y, kind, temp)).cpu()
+        maps.append(s / s.flatten(1).amax(1).clamp_min(1e-30).view(-1, 1, 1))
+    grid = torch.stack(maps)[:, :, None]  # (rows, k, 1, H, W)
+    return save_grid(grid, path, ["mask"] + [r[0] for r in rows], title="gradient fooling (thesis Fig. 5.5)")
+
+
 @register(NAME, GradientFoolingOptions, plot=plot_gradient_fooling)
 def evaluate_gradient_fooling(ctx: EvalContext, options: GradientFoolingOptions) -> list[dict]:
     """Two rows per run (``model`` = original / fooled): accuracy, in-mask gradient fractions, L_fool, and the
@@ -137,6 +153,8 @@ def evaluate_gradient_fooling(ctx: EvalContext, options: GradientFoolingOptions)
                                     optimizer=options.optimizer, batch_norm=options.batch_norm,
                                     log=ctx.log if ctx.progress else None)
         torch.save(fooled.state_dict(), os.path.join(folder, f"fooled_{file_stem(cell.method)}_seed{cell.seed}.pt"))
+        save_gradient_maps(model, fooled, x, y, mask, options.temperature,
+                           os.path.join(folder, f"maps_{file_stem(cell.method)}_seed{cell.seed}.png"))
         last = history[-1] if history else {}
         rows.append({**base, "model": "fooled", **measure(fooled, x, y, mask, options.temperature,
                                                          cell.config.data.eval_batch_size),
