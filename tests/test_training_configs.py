@@ -66,7 +66,7 @@ def test_smoke_config_runs_end_to_end(name, data_root, tmp_path):
     results = run_experiment(cfg, str(tmp_path / "out"), data_root=data_root, progress=False, log=lambda *_: None)
     assert len(results) == (len(config.expand(cfg)) if cfg.epochs > 0 else 0)  # epochs: 0 trains nothing
     assert all(0 <= r["test_acc"] <= 100 for r in results)
-    for name_ in cfg.evaluations:
+    for name_ in cfg.evaluations:  # every listed evaluation wrote its table and plot
         for fname in ("table.csv", "plot.png"):
             assert os.path.getsize(tmp_path / "out" / "evaluations" / name_ / fname) > 0, (name_, fname)
     if results:

@@ -86,7 +86,35 @@ def table(run_dir: str) -> str:
         for m in methods:
             vals = [_fmt([r[k] for r in rows if r["method"] == m and k in r]) for k in noise_keys]
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    lines += _evaluation_tables(run_dir, list(exp.get("evaluations") or {}), name)
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "." not in value else f"{number:.4g}"
+
+
+def _evaluation_tables(run_dir: str, names: list, experiment: str) -> list[str]:
+    """Markdown of every ``OUT/evaluations/<name>/table.csv`` (config order, then the rest), numbers to 4
+    significant digits."""
+    import csv
+
+    found = sorted(os.path.basename(os.path.dirname(p))
+                   for p in glob.glob(os.path.join(run_dir, "evaluations", "*", "table.csv")))
+    lines: list[str] = []
+    for ev in [n for n in names if n in found] + [n for n in found if n not in names]:
+        with open(os.path.join(run_dir, "evaluations", ev, "table.csv")) as f:
+            rows = list(csv.reader(f))
+        if len(rows) < 2:
+            continue
+        lines += ["", f"### {experiment}: evaluation {ev}", "", "| " + " | ".join(rows[0]) + " |",
+                  "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows[1:]]
+    return lines
 
 
 def _paper_value(paper: dict, method: str, per_class):
