@@ -327,5 +327,5 @@ def test_runtime_errors_name_the_option(tmp_path):
     with pytest.raises(ConfigError, match="evaluations.discriminative_pixel_perturbation.fixed_method: no run of "
                                           "method 'resnet'"):
         registry.run_evaluations(ctx, {"discriminative_pixel_perturbation": {"fixed_method": "resnet", "images": 5}})
-    with pytest.raises(ConfigError, match=r"evaluations.pixel_perturbation.runs: no run\(s\) \['other'\]"):
+    with pytest.raises(ConfigError, match=r"evaluations.pixel_perturbation.runs: no trained run\(s\) of \['other'\]"):
         registry.run_evaluations(ctx, {"pixel_perturbation": {"methods": ["random"], "runs": ["other"]}})

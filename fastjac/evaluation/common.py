@@ -1,5 +1,5 @@
-"""Helpers shared by the saliency evaluations (pixel perturbation, ROAR, discriminative pixel perturbation):
-option checks with named errors, the runs and test images an evaluation sees, batched model calls, and the
+"""Helpers shared by the evaluations: saliency-method and fraction option checks (on top of
+:mod:`.option_checks`), the runs and test images an evaluation sees, batched model and saliency calls, and the
 curve plot."""
 from __future__ import annotations
 
@@ -11,17 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from ..saliency_maps import METHODS, saliency
-from ..training.config import ConfigError
+from . import option_checks as check
+from .option_checks import option_error
 from .pixel_removal import FILLS
 from .registry import Cell, EvalContext
 
-__all__ = ["option_error", "check_methods", "check_fractions", "check_positive", "check_choice", "check_fill",
+__all__ = ["option_error", "check_methods", "check_fractions", "check_fill",
            "select_cells", "test_images", "batched_logits", "saliency_maps", "plot_curves"]
-
-
-def option_error(evaluation: str, option: str, message: str) -> ConfigError:
-    """A :class:`ConfigError` naming ``evaluations.<evaluation>.<option>``."""
-    return ConfigError(f"evaluations.{evaluation}.{option}: {message}")
 
 
 def _method_option_names(name: str) -> Optional[list[str]]:
@@ -71,38 +67,29 @@ def check_fractions(evaluation: str, fractions: Any, option: str = "fractions") 
     return sorted(float(k) for k in fractions)
 
 
-def check_positive(evaluation: str, option: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise option_error(evaluation, option, f"expected a positive integer{' or null' if allow_none else ''}, "
-                                               f"got {value!r}")
-
-
-def check_choice(evaluation: str, option: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise option_error(evaluation, option, f"expected one of {list(allowed)}, got {value!r}")
-
-
 def check_fill(evaluation: str, fill: str, fill_value: Any) -> None:
-    check_choice(evaluation, "fill", fill, FILLS)
+    check.choice(evaluation, "fill", fill, FILLS)
     if fill_value is not None and (not isinstance(fill_value, list) or not fill_value or any(
             isinstance(v, bool) or not isinstance(v, (int, float)) for v in fill_value)):
         raise option_error(evaluation, "fill_value", f"expected null or a list of per-channel values in [0, 1] "
                                                      f"units, got {fill_value!r}")
 
 
-def select_cells(ctx: EvalContext, evaluation: str, runs: Optional[list]) -> list[Cell]:
-    """The experiment's runs named in ``runs`` (sweep method names; None: every run), in config order."""
-    if runs is None:
+def select_cells(ctx: EvalContext, evaluation: str, runs: Optional[list], option: str = "runs") -> list[Cell]:
+    """The experiment's runs named in ``runs`` (sweep method names; None or empty: every run), in config order;
+    errors name ``evaluations.<evaluation>.<option>``."""
+    if not runs:
+        if runs is not None and not isinstance(runs, list):
+            raise option_error(evaluation, option, f"expected null or a list of method names, got {runs!r}")
         return list(ctx.cells)
-    if not isinstance(runs, list) or not runs or not all(isinstance(r, str) for r in runs):
-        raise option_error(evaluation, "runs", f"expected null or a list of the experiment's method names, "
+    if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+        raise option_error(evaluation, option, f"expected null or a list of the experiment's method names, "
                                                f"got {runs!r}")
     known = [c.method for c in ctx.cells]
     missing = [r for r in runs if r not in known]
     if missing:
-        raise option_error(evaluation, "runs", f"no run(s) {missing} in this experiment; runs: {sorted(set(known))}")
+        raise option_error(evaluation, option, f"no trained run(s) of {missing} in this experiment; methods: "
+                                               f"{sorted(set(known))}")
     return [c for c in ctx.cells if c.method in runs]
 
 

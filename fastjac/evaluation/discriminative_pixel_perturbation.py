@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from . import common
+from . import option_checks as check
 from .pixel_removal import remove_pixels
 from .registry import Cell, EvalContext, register
 
@@ -47,7 +48,7 @@ class DiscriminativePixelPerturbationOptions:
 
     def __post_init__(self):
         self.fractions = common.check_fractions(NAME, self.fractions)
-        common.check_positive(NAME, "images", self.images)
+        check.positive_int(NAME, "images", self.images, allow_none=True)
         if not isinstance(self.gradient_method, str):
             raise common.option_error(NAME, "gradient_method", f"expected a saliency method name, got "
                                                                f"{self.gradient_method!r}")
@@ -58,8 +59,8 @@ class DiscriminativePixelPerturbationOptions:
                                                         f"got {self.settings!r}")
         if not isinstance(self.fixed_method, str):
             raise common.option_error(NAME, "fixed_method", f"expected a sweep method name, got {self.fixed_method!r}")
-        common.check_choice(NAME, "target", self.target, TARGETS)
-        common.check_positive(NAME, "batch_size", self.batch_size, allow_none=False)
+        check.choice(NAME, "target", self.target, TARGETS)
+        check.positive_int(NAME, "batch_size", self.batch_size)
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:

@@ -10,14 +10,27 @@ from typing import Any, Iterable
 from ..training.config import ConfigError
 
 
+def option_error(evaluation: str, option: str, message: str) -> ConfigError:
+    """A :class:`ConfigError` naming ``evaluations.<evaluation>.<option>``."""
+    return ConfigError(f"evaluations.{evaluation}.{option}: {message}")
+
+
 def _fail(evaluation: str, option: str, expected: str, value: Any) -> None:
-    raise ConfigError(f"evaluations.{evaluation}.{option}: expected {expected}, got {value!r}")
+    raise option_error(evaluation, option, f"expected {expected}, got {value!r}")
 
 
 def positive(evaluation: str, option: str, value: Any) -> None:
     """``value > 0`` (int or float)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         _fail(evaluation, option, "a positive number", value)
+
+
+def positive_int(evaluation: str, option: str, value: Any, allow_none: bool = False) -> None:
+    """An integer ``>= 1`` (or None when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(evaluation, option, f"a positive integer{' or null' if allow_none else ''}", value)
 
 
 def non_negative(evaluation: str, option: str, value: Any) -> None:

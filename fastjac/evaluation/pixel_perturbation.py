@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import common
+from . import option_checks as check
 from .pixel_removal import black_pixel, remove_pixels
 from .registry import EvalContext, register
 from ..training import data as data_io
@@ -56,10 +57,10 @@ class PixelPerturbationOptions:
     def __post_init__(self):
         self.methods = common.check_methods(NAME, self.methods)
         self.fractions = common.check_fractions(NAME, self.fractions)
-        common.check_positive(NAME, "images", self.images)
-        common.check_positive(NAME, "batch_size", self.batch_size, allow_none=False)
+        check.positive_int(NAME, "images", self.images, allow_none=True)
+        check.positive_int(NAME, "batch_size", self.batch_size)
         common.check_fill(NAME, self.fill, self.fill_value)
-        common.check_choice(NAME, "output", self.output, OUTPUTS)
+        check.choice(NAME, "output", self.output, OUTPUTS)
 
 
 def fill_for(fill: str, fill_value: Optional[list], dataset: str, channels: int) -> Optional[torch.Tensor]:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import common
+from . import option_checks as check
 from .pixel_removal import remove_pixels
 from .registry import Cell, EvalContext, register
 from ..training import checkpoint as ckpt_io
@@ -62,14 +63,14 @@ class RoarOptions:
     def __post_init__(self):
         self.methods = common.check_methods(NAME, self.methods)
         self.fractions = common.check_fractions(NAME, self.fractions)
-        common.check_positive(NAME, "epochs", self.epochs)
-        common.check_positive(NAME, "batch_size", self.batch_size, allow_none=False)
+        check.positive_int(NAME, "epochs", self.epochs, allow_none=True)
+        check.positive_int(NAME, "batch_size", self.batch_size)
         if not isinstance(self.seeds, list) or not self.seeds or any(
                 isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds) or \
                 len(set(self.seeds)) != len(self.seeds):
             raise common.option_error(NAME, "seeds", f"expected a non-empty list of distinct non-negative integers, "
                                                      f"got {self.seeds!r}")
-        common.check_choice(NAME, "target", self.target, TARGETS)
+        check.choice(NAME, "target", self.target, TARGETS)
         common.check_fill(NAME, self.fill, self.fill_value)
         if self.run is not None and not isinstance(self.run, str):
             raise common.option_error(NAME, "run", f"expected null or a sweep method name, got {self.run!r}")

@@ -1,25 +1,20 @@
-"""Which trained runs and which test inputs an evaluation uses (shared by the E7 evaluations)."""
+"""Which trained runs and which test inputs an evaluation uses, in the form the E7 evaluations take them."""
 from __future__ import annotations
 
 from torch import Tensor
 
-from ..training.config import ConfigError
+from .common import select_cells, test_images
 from .registry import Cell, EvalContext
 
 
 def selected_cells(ctx: EvalContext, methods: list, evaluation: str) -> list[Cell]:
     """The experiment's runs of ``methods`` (empty: all runs, in sweep order); an unknown method is a
     ConfigError naming ``evaluations.<evaluation>.methods``."""
-    known = [c.method for c in ctx.cells]
-    bad = [m for m in methods if m not in known]
-    if bad:
-        raise ConfigError(f"evaluations.{evaluation}.methods: no trained run of {bad}; methods: {sorted(set(known))}")
-    return [c for c in ctx.cells if not methods or c.method in methods]
+    return select_cells(ctx, evaluation, methods, option="methods")
 
 
 def eval_inputs(ctx: EvalContext, cell: Cell, images: int) -> tuple[Tensor, Tensor]:
     """The first ``images`` test images of the run, normalised as the network's input, on the device, and their
-    labels."""
-    data = ctx.data(cell)
-    x = ctx.normalize(data.test_x[:images], cell).to(ctx.device)
-    return x, data.test_y[:images].to(ctx.device)
+    labels (only the test split is read)."""
+    x, y = test_images(ctx, cell, images)
+    return ctx.normalize(x, cell).to(ctx.device), y.to(ctx.device)
