@@ -38,6 +38,30 @@ def _cuda_compiled() -> bool:
     return _C is not None and bool(_C.compiled_with_cuda())
 
 
+def build_info() -> dict:
+    """How ``fastjac._C`` was built, as ``setup.py`` recorded it in ``fastjac/_build_info.json``: whether the
+    CUDA kernels were built and, if not, why (e.g. no GPU was visible and ``FASTJAC_BUILD_CUDA`` was ``auto``).
+    Empty when the file is missing (a build older than the record, or no build)."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def _why_no_cuda() -> str:
+    if _C is not None and not _cuda_compiled():
+        why = build_info().get("cuda_skipped_because")
+        return (f"fastjac._C was built without the CUDA kernels ({why or 'FASTJAC_BUILD_CUDA'}); "
+                "rebuild with FASTJAC_BUILD_CUDA=1 pip install -e . --no-build-isolation")
+    if _C is None:
+        return f"the C++ extension fastjac._C is not built ({_EXTENSION_ERROR})"
+    return "fastjac._C has the CUDA kernels, but no GPU is usable (torch.cuda.is_available() is False)"
+
+
 _triton_state = None  # (kernel table or None, reason it is unavailable), decided once on first use
 
 
@@ -132,7 +156,7 @@ def _unavailable(name: str, device: torch.device) -> RuntimeError:
     why = {
         "cpu": f"the C++ extension fastjac._C is not built ({_EXTENSION_ERROR}); "
         "build it with `pip install -e . --no-build-isolation`",
-        "cuda": "fastjac._C was built without CUDA kernels (FASTJAC_BUILD_CUDA) or no GPU is usable",
+        "cuda": _why_no_cuda(),
         "triton": _triton_state[1] if _triton_state else "",
     }.get(name, "")
     return RuntimeError(f"fastjac backend {name!r} is not available for {device} tensors: {why}")
