@@ -86,9 +86,14 @@ def _table(args) -> int:
 
 
 def _plot(args) -> int:
-    from .training.report import plot
+    from .training.report import plot, plot_noise
 
     print(plot(args.run_dir, args.output))
+    if args.output is None:  # E2 runs: accuracy against the noise std, one line per method
+        for batch_stats in (False, True):
+            path = plot_noise(args.run_dir, batch_stats=batch_stats)
+            if path:
+                print(path)
     return 0
 
 
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None)
     p.set_defaults(fn=_plot)
     p = sub.add_parser("demo", help="E1 (Jacobian-matching distillation) on scikit-learn digits")
-    p.add_argument("--out", default=os.path.join("runs", "demo"))
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a reduced run (seconds) of the same code path")
     p.set_defaults(fn=_demo)
     args = parser.parse_args(argv)

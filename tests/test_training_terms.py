@@ -150,3 +150,64 @@ def test_unknown_options_and_layers_are_named():
         _value("attention_matching", {"student_layer": "features.99", "teacher_layer": "features.3"}, student, teacher, x, y)
     with pytest.raises(ValueError, match="batch_norm"):
         _value("jacobian_norm", {"batch_norm": "sometimes"}, student, teacher, x, y)
+
+
+def _penalty(student, x, y, batch_norm):
+    ctx = terms.context(student, None, x, y, terms.parse({"jacobian_norm": {"weight": 1.0, "batch_norm": batch_norm}}))
+    return terms.TERMS["jacobian_norm"].fn(ctx, batch_norm=batch_norm)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_frozen_penalty_is_differentiated_through_the_statistics(fused):
+    """``frozen``: the parameter gradient of the penalty is the derivative of the penalty as a function of the
+    parameters, the batch statistics recomputed from them (checked against central finite differences, float64),
+    so BatchNorm's scale invariance holds: scaling the convolution before a BatchNorm leaves the penalty
+    unchanged and its gradient has no component along that convolution's weights. ``frozen_constant`` (the
+    statistics a stop-gradient) has the same value but misses that dependence."""
+    student = _pair(fused=fused)[0].double().train()
+    x, y = _batch()
+    x = x.double()
+    params = [p for p in student.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(7)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    norm = torch.sqrt(sum(d.pow(2).sum() for d in direction))
+    direction = [d / norm for d in direction]   # a unit step: h moves no pre-activation across a ReLU kink
+
+    def at(t):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(t * d)
+        try:
+            return _penalty(student, x.clone(), y, "frozen").detach()
+        finally:
+            with torch.no_grad():
+                for p, d in zip(params, direction):
+                    p.sub_(t * d)
+
+    h = 1e-6
+    fd = (at(h) - at(-h)) / (2 * h)
+    grads = {}
+    for mode in ("frozen", "frozen_constant"):
+        value = _penalty(student, x.clone(), y, mode)
+        raw = torch.autograd.grad(value, params, allow_unused=True)   # the last bias does not move a Jacobian
+        grads[mode] = [torch.zeros_like(p) if gr is None else gr for gr, p in zip(raw, params)]
+        if mode == "frozen":
+            reference_value = value.detach()
+        else:
+            torch.testing.assert_close(value.detach(), reference_value, rtol=1e-12, atol=0)
+    directional = {m: sum((gr * d).sum() for gr, d in zip(gs, direction)) for m, gs in grads.items()}
+    torch.testing.assert_close(directional["frozen"], fd, rtol=1e-5, atol=1e-9)
+    assert (directional["frozen_constant"] - fd).abs() > 1e-3 * fd.abs()
+    conv = next(i for i, p in enumerate(params) if p.dim() == 4)   # the first convolution, followed by BatchNorm
+    radial = {m: float((gs[conv] * params[conv].detach()).sum() / (gs[conv].norm() * params[conv].norm()))
+              for m, gs in ((m, [gr.detach() for gr in gs]) for m, gs in grads.items())}
+    assert abs(radial["frozen"]) < 1e-3 < abs(radial["frozen_constant"])
+
+
+def test_frozen_needs_differentiable_statistics():
+    student = _pair()[0].train()
+    with fastjac.record_batch_norm_stats(student) as stats:
+        student(_batch()[0])
+    with pytest.raises(ValueError, match="differentiable=True"):
+        with stats.frozen(differentiable=True):
+            pass

@@ -31,6 +31,9 @@ class DataConfig:
     per_class: Optional[int] = None      # few-samples-per-class subset of the training split (None: all)
     subset_seed: Optional[int] = None    # seed of the class-stratified subset draw (None: the run's seed)
     batch_size: int = 128
+    epoch_size: Optional[int] = None     # examples per epoch, drawn as successive seeded permutations of the
+                                         # training subset (fixes the optimiser steps per epoch of few-shot
+                                         # runs: epoch_size / batch_size); None: one pass over the subset
     eval_batch_size: int = 500
     augment: bool = False                # random crop (zero padding crop_padding) + horizontal flip
     crop_padding: int = 4
@@ -168,6 +171,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for dotted, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{dotted}: must be positive, got {value!r}")
+    if cfg.data.epoch_size is not None and cfg.data.epoch_size < 1:
+        raise ConfigError(f"data.epoch_size: must be a positive integer or null, got {cfg.data.epoch_size!r}")
     if cfg.data.per_class is not None and cfg.data.per_class < 1:
         raise ConfigError(f"data.per_class: must be a positive integer or null, got {cfg.data.per_class!r}")
     if cfg.data.batch_size % cfg.accumulate:

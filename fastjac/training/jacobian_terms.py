@@ -3,16 +3,19 @@
 
 Student input-gradients are ``torch.autograd.grad(..., create_graph=True)`` (the loss's backward is the double
 backward the fused ops accelerate). With BatchNorm in training mode they are taken, by default
-(``batch_norm: frozen``), on a pass with the clean batch's statistics as constants, so each row is that sample's
-own Jacobian (:meth:`StepContext.differentiable_pass`); ``batch_norm: live`` differentiates the clean pass,
-whose rows also carry the cross-sample terms through the batch statistics (plain double backprop). Every extra
-pass (frozen, perturbed, feature-only, full-Jacobian) uses the clean batch's statistics and updates no running
-statistics (:mod:`fastjac.batch_norm_stats`), so they are updated once per step.
+(``batch_norm: frozen``), on a pass with the clean batch's statistics held constant in the input, so each row
+is that sample's own Jacobian, while the loss is still differentiated through the statistics' dependence on
+the parameters (:meth:`StepContext.differentiable_pass`, :data:`terms.BATCH_NORM_MODES`; why, measured:
+``benchmarks/RESULTS.md``, "BatchNorm semantics of the Jacobian terms"); ``batch_norm: live`` differentiates
+the clean pass, whose rows also carry the cross-sample terms through the batch statistics (plain double
+backprop); ``frozen_constant`` is the stop-gradient variant that fails on digits E2. Every extra pass
+(frozen, perturbed, feature-only, full-Jacobian) uses the clean batch's statistics and updates no running
+statistics (:mod:`fastjac.batch_norm_stats`), so they are updated once per step. The full-Jacobian and
+attention-Jacobian passes use the statistics as constants (their E3-E5 behaviour is unchanged).
 Teachers run in eval mode without a graph.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -27,8 +30,10 @@ def _per_sample_sq(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).pow(2).sum(1)
 
 
-def _frozen(ctx: StepContext):
-    return ctx.bn_stats.frozen() if ctx.bn_stats else contextlib.nullcontext()
+def _frozen(ctx: StepContext, batch_norm: str = "frozen_constant"):
+    """An extra pass with the clean batch's statistics (``ctx.frozen``); the full-Jacobian terms use constant
+    statistics, the trace terms the mode of their input-gradient."""
+    return ctx.frozen(batch_norm)
 
 
 def jacobian_matching(ctx: StepContext, normalize: bool = False, classes: str = "label",
@@ -104,7 +109,7 @@ def _trace(ctx: StepContext, sigma: float, method: str, samples: int, with_grad:
     grad = ctx.input_grad("logits", "label", batch_norm) if needs_grad else None
 
     def class_logit(z):
-        with _frozen(ctx):
+        with _frozen(ctx, "frozen_constant" if batch_norm == "live" else batch_norm):
             out = ctx.module(z)
         return out.gather(1, index).squeeze(1)
 

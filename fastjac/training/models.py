@@ -40,6 +40,11 @@ def activation_factory(name: str = "relu", beta: float = 10.0) -> Callable[[], n
     raise ValueError(f"activation must be 'relu' or 'softplus', got {name!r}")
 
 
+def scaled_vgg_config(config: list, width: float) -> list:
+    """``config`` with every block's channel count multiplied by ``width`` (rounded, at least 1)."""
+    return [c if c == "M" else max(1, round(c * width)) for c in config]
+
+
 def _vgg_features(config: list, in_channels: int, activation: Callable[[], nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
     channels = in_channels
@@ -197,11 +202,12 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
 
     Keys: ``arch`` (one of ``vgg4 vgg6 vgg9 vgg11 resnet18 resnet34 tv_resnet34 tv_vgg16_bn``),
     ``num_classes``, optional ``in_channels`` (3), ``activation`` (``relu``/``softplus``), ``beta`` (10),
-    ``dropout`` (VGG, 0), ``aux_classes`` (VGG: adds the second head of :class:`TwoHeadVGG`), ``weights``
+    ``dropout`` (VGG, 0), ``width`` (VGG: channel multiplier of every block, 1; e.g. 0.25 gives VGG-4
+    ``16 M 32 M 128 M``, for the 8×8 digits), ``aux_classes`` (VGG: adds the second head of :class:`TwoHeadVGG`), ``weights``
     (a local file, torchvision models or any model), ``fused`` (True: :func:`fastjac.convert` the model).
     """
-    allowed = {"arch", "num_classes", "in_channels", "activation", "beta", "dropout", "aux_classes", "weights",
-               "fused"}
+    allowed = {"arch", "num_classes", "in_channels", "activation", "beta", "dropout", "width", "aux_classes",
+               "weights", "fused"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise ValueError(f"model: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
@@ -214,11 +220,16 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     common = dict(in_channels=spec.get("in_channels", 3), activation=spec.get("activation", "relu"),
                   beta=spec.get("beta", 10.0))
     weights = spec.get("weights")
+    width = spec.get("width", 1.0)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ValueError(f"model.width must be a positive number (channel multiplier), got {width!r}")
+    if width != 1.0 and not arch.startswith("vgg"):
+        raise ValueError(f"model.width applies to the VGG architectures only, got it for {arch!r}")
     if arch.startswith("vgg"):
         kwargs = dict(common, dropout=spec.get("dropout", 0.0))
         aux = spec.get("aux_classes")
-        model = (TwoHeadVGG(VGG_CONFIGS[arch], num_classes, aux, **kwargs) if aux
-                 else VGG(VGG_CONFIGS[arch], num_classes, **kwargs))
+        layers = scaled_vgg_config(VGG_CONFIGS[arch], width)
+        model = (TwoHeadVGG(layers, num_classes, aux, **kwargs) if aux else VGG(layers, num_classes, **kwargs))
     elif arch.startswith("resnet"):
         model = CifarResNet(int(arch[len("resnet"):]), num_classes, **common)
     else:

@@ -6,6 +6,7 @@ import json
 import os
 import statistics
 from collections import defaultdict
+from typing import Any
 
 import yaml
 
@@ -149,6 +150,93 @@ def plot(run_dir: str, out_path: str | None = None) -> str:
         ax_acc.legend(fontsize=7)
     fig.tight_layout()
     out_path = out_path or os.path.join(run_dir, "curves.png")
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def method_stats(run_dir: str) -> dict[tuple[str, Any], list[float]]:
+    """``{(method, per_class): [test accuracy of each seed]}`` of a run directory."""
+    cells: dict = defaultdict(list)
+    for r in _results(run_dir):
+        if "test_acc" in r:
+            cells[(r["method"], r["per_class"])].append(r["test_acc"])
+    return dict(cells)
+
+
+def plot_per_class(run_dir: str, out_path: str, methods: list[str], paper: dict | None = None,
+                   paper_label: str = "paper") -> str:
+    """PNG: test accuracy against images per class, one line per method with ±1 std error bars (over seeds);
+    with ``paper`` (method -> {per_class: accuracy}) a second panel shows the published trend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = method_stats(run_dir)
+    used = sorted({pc for (_, pc) in cells if pc is not None})
+    panels = 2 if paper else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for m in methods:
+        pcs = sorted(pc for (mm, pc) in cells if mm == m and pc is not None)
+        means = [statistics.mean(cells[(m, pc)]) for pc in pcs]
+        stds = [statistics.stdev(cells[(m, pc)]) if len(cells[(m, pc)]) > 1 else 0.0 for pc in pcs]
+        seeds = max((len(cells[(m, pc)]) for pc in pcs), default=0)
+        ax.errorbar(pcs, means, yerr=stds, marker="o", capsize=4, label=f"{m} ({seeds} seeds)")
+    name = os.path.basename(os.path.abspath(run_dir))
+    exp_path = os.path.join(run_dir, "experiment.yaml")
+    if os.path.isfile(exp_path):
+        with open(exp_path) as f:
+            name = (yaml.safe_load(f) or {}).get("name", name)
+    ax.set(xlabel="training images per class", ylabel="test accuracy (%)", title=f"ours: {name} (mean ± std)",
+           xscale="log")
+    ax.set_xticks(used, [str(pc) for pc in used])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
+    if paper:
+        ax2 = axes[0][1]
+        for m in methods:
+            entry = paper.get(m) or {}
+            pcs = sorted(int(k) for k in entry)
+            ax2.plot(pcs, [entry.get(pc, entry.get(str(pc))) for pc in pcs], marker="s", label=m)
+        ax2.set(xlabel="training images per class", ylabel="test accuracy (%)", title=paper_label, xscale="log")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_noise(run_dir: str, out_path: str | None = None, batch_stats: bool = False) -> str | None:
+    """PNG (E2): test accuracy against the std of the Gaussian input noise, one line per method (mean ± std
+    over seeds, error bars); ``batch_stats``: the accuracies measured with test-batch BatchNorm statistics.
+    None when the runs measured no noise robustness."""
+    suffix = "_acc_mean_batch_stats" if batch_stats else "_acc_mean"
+    rows = _results(run_dir)
+    stds = sorted({float(k.split("_")[1]) for r in rows for k in r if k.startswith("noise_") and k.endswith(suffix)})
+    if not stds:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        points = [(s, [r[f"noise_{s}{suffix}"] for r in rows if r["method"] == m and f"noise_{s}{suffix}" in r])
+                  for s in stds]
+        points = [(s, v) for s, v in points if v]
+        ax.errorbar([s for s, _ in points], [statistics.mean(v) for _, v in points],
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points], marker="o", capsize=3,
+                    label=f"{m} ({max(len(v) for _, v in points)} seeds)")
+    mode = "test-batch BatchNorm statistics" if batch_stats else "running BatchNorm statistics (eval mode)"
+    ax.set(xlabel="std of the Gaussian noise on the normalised test images", ylabel="test accuracy (%)",
+           title=f"accuracy under input noise, {mode}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_path = out_path or os.path.join(run_dir, "noise_batch_stats.png" if batch_stats else "noise.png")
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path

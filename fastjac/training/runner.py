@@ -1,8 +1,10 @@
 """Running a whole config (all cells of its sweep, and its teacher first) into an output directory.
 
 Layout: ``OUT/teacher/`` (when the config trains its teacher), ``OUT/<method>/pc<k>/seed<s>/`` per cell, and
-``OUT/experiment.yaml`` (the config as given, for ``fastjac table``). Finished cells (a ``result.json``) are
-skipped, so rerunning a config with ``--resume`` after a crash continues where it stopped.
+``OUT/experiment.yaml`` (the config as given, for ``fastjac table``). With ``--resume``, a finished cell (a
+``result.json``) is reused only when the config it was trained with (its ``config.yaml``) is the one asked for
+now; otherwise the run stops with an error naming the differing fields, as an unfinished checkpoint does. So
+rerunning a config after a crash continues where it stopped, and never mixes runs of different configs.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from . import checkpoint as ckpt_io
 from . import config as config_io
 from .config import RunConfig
 from .trainer import Trainer
@@ -54,7 +57,7 @@ def with_teacher(cfg: RunConfig, out: str) -> RunConfig:
     if not trains_teacher(cfg):
         return cfg
     cfg = copy.deepcopy(cfg)
-    cfg.teacher.checkpoint = os.path.join(out, "teacher")
+    cfg.teacher.checkpoint = os.path.normpath(os.path.join(out, "teacher"))
     return cfg
 
 
@@ -87,12 +90,31 @@ def run_experiment(cfg: RunConfig, out: str, data_root: str | None = None, resum
     return results
 
 
-def _run_one(cfg: RunConfig, run_dir: str, data_root, resume, progress, device, log) -> dict[str, Any]:
+def finished_result(cfg: RunConfig, run_dir: str) -> dict[str, Any] | None:
+    """The result of a finished run of ``cfg`` in ``run_dir``, or None if it has none; a finished run of a
+    different config is an error naming the fields that differ."""
     result_path = os.path.join(run_dir, "result.json")
-    if resume and os.path.isfile(result_path):
-        with open(result_path) as f:
-            log(f"[done] {cfg.name}")
-            return json.load(f)
+    if not os.path.isfile(result_path):
+        return None
+    config_path = os.path.join(run_dir, "config.yaml")
+    trained = None
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            trained = yaml.safe_load(f)
+    diff = ckpt_io.config_differences(trained, cfg.to_dict()) if isinstance(trained, dict) else ["<no config.yaml>"]
+    if diff:
+        raise ckpt_io.CheckpointError(
+            f"{run_dir!r} holds a finished run of a different config (fields {diff}); rerun without --resume "
+            "into another --out directory, or delete that run to retrain it")
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def _run_one(cfg: RunConfig, run_dir: str, data_root, resume, progress, device, log) -> dict[str, Any]:
+    done = finished_result(cfg, run_dir) if resume else None
+    if done is not None:
+        log(f"[done] {cfg.name}")
+        return done
     result = Trainer(cfg, run_dir, data_root=data_root, device=device, progress=progress).run(resume=resume)
     log(f"[{cfg.name}] test accuracy {result.get('test_acc', float('nan')):.2f} %")
     return result

@@ -19,6 +19,21 @@ from ..batch_norm_stats import record_batch_norm_stats
 from ..losses import capture_features, get_layer
 
 
+BATCH_NORM_MODES = ("frozen", "frozen_constant", "live")
+"""How the input-gradient terms treat BatchNorm layers that normalise with batch statistics (training mode):
+
+- ``frozen`` (default): each row is the sample's own input-Jacobian (the batch statistics constant in the
+  input: an extra pass with the clean batch's statistics), and the loss is differentiated through the
+  statistics' dependence on the parameters, as training-mode BatchNorm is (its scale invariance holds).
+- ``frozen_constant``: the same rows, but the statistics are constants for the parameter gradient too (a
+  stop-gradient). Kept for the study in ``benchmarks/RESULTS.md``: the penalty's gradient then pushes the
+  weights before each BatchNorm towards zero, which the next batch's normalisation undoes; on digits E2 the
+  Jacobian penalty is not reduced and the model collapses under input noise.
+- ``live``: plain double backprop of the clean training-mode pass: row n is ``∇_{x_n} Σ_m out[m, c_m]``,
+  which includes the cross-sample terms through the batch statistics; one forward pass cheaper.
+"""
+
+
 @dataclass
 class Term:
     """A loss term: ``fn(ctx, **options)``; what it needs from the step (teacher, input gradient, features of
@@ -69,8 +84,8 @@ class StepContext:
         with contextlib.ExitStack() as stack:
             if self.student_layers:
                 self.features = stack.enter_context(capture_features(self.module, self.student_layers))
-            if self.record_stats:
-                self.bn_stats = stack.enter_context(record_batch_norm_stats(self.module))
+            if self.record_stats:  # in the graph: `frozen` passes differentiate through them w.r.t. parameters
+                self.bn_stats = stack.enter_context(record_batch_norm_stats(self.module, differentiable=True))
             if hasattr(self.module, "both"):
                 self._logits, self._aux = self.model(self.x, both=True)
             else:
@@ -113,30 +128,38 @@ class StepContext:
             return out.detach().argmax(1)
         raise ValueError(f"class selection must be 'label' or 'top', got {which!r}")
 
+    def frozen(self, batch_norm: str = "frozen_constant"):
+        """Context for an extra pass with the clean batch's BatchNorm statistics (see :data:`BATCH_NORM_MODES`):
+        ``frozen``: constant in that pass's input, differentiable in the parameters; ``frozen_constant``:
+        constants altogether. A null context when the student has no batch-statistics BatchNorm."""
+        if not self.bn_stats:
+            return contextlib.nullcontext()
+        return self.bn_stats.frozen(differentiable=batch_norm == "frozen")
+
     def differentiable_pass(self, batch_norm: str = "frozen"):
         """``(x, logits, matched_logits)`` of a pass whose outputs can be differentiated w.r.t. ``x``.
 
-        ``batch_norm="frozen"`` (default): when the student has BatchNorm layers normalising with batch
-        statistics, an extra pass of the per-sample function with the clean batch's statistics as constants
-        (:mod:`fastjac.batch_norm_stats`), so that row n of a gradient of ``Σ_n out[n, c_n]`` is sample n's own
-        input-Jacobian row (the quantity of seed 000's Propositions); without such layers it is the clean
-        pass itself. ``"live"``: always the clean pass; with batch statistics the gradient then also flows
-        through them and mixes samples (what plain double backprop of a training-mode network computes;
-        one pass cheaper)."""
-        if batch_norm not in ("frozen", "live"):
-            raise ValueError(f"batch_norm must be 'frozen' or 'live', got {batch_norm!r}")
+        ``batch_norm`` (:data:`BATCH_NORM_MODES`): ``"frozen"`` (default) and ``"frozen_constant"``: when the
+        student has BatchNorm layers normalising with batch statistics, an extra pass of the per-sample
+        function with the clean batch's statistics (:mod:`fastjac.batch_norm_stats`), so that row n of a
+        gradient of ``Σ_n out[n, c_n]`` is sample n's own input-Jacobian row (the quantity of seed 000's
+        Propositions); without such layers it is the clean pass itself. ``"live"``: always the clean pass;
+        with batch statistics the gradient then also flows through them and mixes samples (what plain double
+        backprop of a training-mode network computes; one pass cheaper)."""
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"batch_norm must be one of {', '.join(BATCH_NORM_MODES)}; got {batch_norm!r}")
         self.logits  # noqa: B018 - the clean pass (records the statistics)
         if batch_norm == "live" or not self.bn_stats:
             return self.x, self._logits, self.matched_logits
-        if "frozen" not in self._grads:
+        if batch_norm not in self._grads:
             xf = self.x.detach().requires_grad_(True)
-            with self.bn_stats.frozen():
+            with self.frozen(batch_norm):
                 if hasattr(self.module, "both"):
                     logits, aux = self.module(xf, both=True)
                 else:
                     logits = aux = self.module(xf)
-            self._grads["frozen"] = (xf, logits, aux)
-        return self._grads["frozen"]
+            self._grads[batch_norm] = (xf, logits, aux)
+        return self._grads[batch_norm]
 
     def input_grad(self, output: str, which: str, batch_norm: str = "frozen") -> torch.Tensor:
         """``∇ₓ Σ_n out[n, c_n]`` with ``create_graph=True`` (``output``: ``"matched"`` logits, ``"logits"`` of
@@ -222,5 +245,5 @@ def context(model, teacher, x, y, terms: list[tuple[str, float, dict]]) -> StepC
             teacher_layers.add(options["teacher_layer"])
     return StepContext(model, teacher, x, y, needs_input_grad=any(t.needs_input_grad for t, _ in active),
                        student_layers=sorted(student_layers), teacher_layers=sorted(teacher_layers),
-                       record_stats=any(t.extra_passes or (t.needs_input_grad and o.get("batch_norm", "frozen") == "frozen")
+                       record_stats=any(t.extra_passes or (t.needs_input_grad and o.get("batch_norm", "frozen") != "live")
                                         for t, o in active))

@@ -221,9 +221,15 @@ class Trainer:
 
     # --- training --------------------------------------------------------------------------------------------
     def _batches(self):
-        n, bs = len(self.train_y), self.cfg.data.batch_size
-        order = torch.randperm(n, generator=self.generators["order"])
-        for start in range(0, n, bs):
+        """One epoch's batches of training indices: a seeded permutation of the subset, or, with
+        ``data.epoch_size``, that many examples from successive permutations (each example appears equally
+        often, to within one)."""
+        n, bs, size = len(self.train_y), self.cfg.data.batch_size, self.cfg.data.epoch_size
+        passes = 1 if size is None else -(-size // n)
+        order = torch.cat([torch.randperm(n, generator=self.generators["order"]) for _ in range(passes)])
+        if size is not None:
+            order = order[:size]
+        for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             if len(idx) < 2 * self.world * self.cfg.accumulate:  # BatchNorm needs 2 values per chunk
                 continue
@@ -270,16 +276,27 @@ class Trainer:
         return logged
 
     @torch.no_grad()
-    def evaluate(self, noise_std: float = 0.0, generator: torch.Generator | None = None) -> dict[str, float]:
-        """Test accuracy (%) and cross-entropy, optionally with Gaussian noise added to the normalised images."""
-        self.model.eval()
+    def evaluate(self, noise_std: float = 0.0, generator: torch.Generator | None = None,
+                 batch_stats: bool = False) -> dict[str, float]:
+        """Test accuracy (%) and cross-entropy, optionally with Gaussian noise added to the normalised images.
+
+        ``batch_stats``: BatchNorm normalises each test batch (``data.eval_batch_size`` images) with that
+        batch's own statistics instead of the running ones (a copy of the model in training mode, so the
+        running statistics of the trained model are untouched); a diagnostic of the BatchNorm study."""
+        model = self.model
+        if batch_stats:
+            import copy
+
+            model = copy.deepcopy(self.model).train()
+        else:
+            model.eval()
         correct, loss, bs = 0, 0.0, self.cfg.data.eval_batch_size
         for start in range(0, len(self.test_y), bs):
             x = self.test_x[start:start + bs]
             if noise_std:
                 x = x + noise_std * torch.randn(x.shape, generator=generator)
             y = self.test_y[start:start + bs].to(self.device)
-            out = self.model(x.to(self.device))
+            out = model(x.to(self.device))
             correct += int((out.argmax(1) == y).sum())
             loss += float(F.cross_entropy(out, y, reduction="sum"))
         self.model.train()
@@ -355,19 +372,27 @@ class Trainer:
         result.update(self._final_evaluations())
         if self.rank == 0:
             ckpt_io.save_atomic(self.model.state_dict(), os.path.join(self.run_dir, "model.pt"))
-            with open(result_path, "w") as f:
+            tmp = result_path + ".tmp"
+            with open(tmp, "w") as f:
                 json.dump(result, f, indent=1)
+            os.replace(tmp, result_path)  # atomic: a result.json is always complete
         return result
 
     def _final_evaluations(self) -> dict[str, Any]:
-        """Evaluations of ``cfg.eval``: ``noise_stds`` (accuracy under Gaussian noise, E2) with ``noise_repeats``."""
+        """Evaluations of ``cfg.eval``: ``noise_stds`` (accuracy under Gaussian noise, E2) with ``noise_repeats``;
+        ``batch_stats: true`` repeats each with BatchNorm using the test batches' statistics (keys suffixed
+        ``_batch_stats``; :meth:`evaluate`)."""
         out: dict[str, Any] = {}
         stds = self.cfg.eval.get("noise_stds")
-        if stds:
+        modes = [False, True] if self.cfg.eval.get("batch_stats") else [False]
+        if self.cfg.eval.get("batch_stats"):
+            out["test_acc_batch_stats"] = self.evaluate(batch_stats=True)["test_acc"]
+        for batch_stats in modes if stds else []:
+            suffix = "_batch_stats" if batch_stats else ""
             repeats = int(self.cfg.eval.get("noise_repeats", 5))
             g = torch.Generator().manual_seed(12345)
             for std in stds:
-                accs = [self.evaluate(float(std), g)["test_acc"] for _ in range(repeats if std else 1)]
-                out[f"noise_{std}_acc_mean"] = float(np.mean(accs))
-                out[f"noise_{std}_acc_std"] = float(np.std(accs))
+                accs = [self.evaluate(float(std), g, batch_stats)["test_acc"] for _ in range(repeats if std else 1)]
+                out[f"noise_{std}_acc_mean{suffix}"] = float(np.mean(accs))
+                out[f"noise_{std}_acc_std{suffix}"] = float(np.std(accs))
         return out
