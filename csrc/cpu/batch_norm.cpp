@@ -70,11 +70,19 @@ struct AffinePass {
               *qg = at(kQg), *qx = at(kQx), *q0 = at(kQ0), *za = at(kZa), *zc = at(kZc);
       A *su = at(kSu), *sux = at(kSux), *sg = at(kSg), *sgx = at(kSgx), *sug = at(kSug);
       FASTJAC_OMP_SIMD
-      for (int64_t j = 0; j < L; ++j) {
-        const ChannelCoef<A> kc{
-            mean[j], r[j], {pu[j], A(0), px[j], p0[j]}, {qu[j], qg[j], qx[j], q0[j]}, {za[j], zc[j]}};
-        bn_element<F>(kc, a, j, su[j], sux[j], sg[j], sgx[j], sug[j]);
-      }
+      for (int64_t j = 0; j < L; ++j)
+        element(a, j, mean[j], r[j], pu[j], px[j], p0[j], qu[j], qg[j], qx[j], q0[j], za[j], zc[j], su[j], sux[j],
+                sg[j], sgx[j], sug[j]);
+    }
+    // One element with its position's constants, passed as scalars. The ChannelCoef is built here, not in the
+    // `omp simd` loop: there it would be an addressable per-iteration local, which gcc's OpenMP lowering (before
+    // inlining) makes a per-lane array of structs that the vectoriser then rejects ("no vectype for stmt
+    // D[_31].p.cg = 0.0"), so every column loop with outputs ran scalar, and with the fused ReLU the mask's
+    // selection became an unpredictable branch (BN+ReLU 3-4x BN's time at 128x256x8x8).
+    FASTJAC_INLINE static void element(const BnPtrs<T>& a, int64_t j, A mean, A r, A pu, A px, A p0, A qu, A qg,
+                                       A qx, A q0, A za, A zc, A& su, A& sux, A& sg, A& sgx, A& sug) {
+      const ChannelCoef<A> kc{mean, r, {pu, A(0), px, p0}, {qu, qg, qx, q0}, {za, zc}};
+      bn_element<F>(kc, a, j, su, sux, sg, sgx, sug);
     }
     void flush(Acc* acc) {
       if (!(F & kSum)) return;
