@@ -63,7 +63,8 @@ def test_bn_independent_of_thread_count():
 # Softplus: the float32 / float64 kernels run on SIMD vectors (csrc/cpu/softplus.cpp), float16 / bfloat16 scalar.
 
 # (beta, threshold): F.softplus's default, a power-of-two beta (beta x == threshold exactly reachable), others,
-# negative betas (the op accepts any beta != 0) and a threshold above float32's exp overflow (88.7).
+# negative betas (the op accepts any beta != 0) and a large threshold (smooth up to b = 80, below float32's exp
+# overflow at 88.7: test_softplus_threshold_beyond_exp_overflow).
 SOFTPLUS_EDGE_PARAMS = [(1.0, 20.0), (2.0, 3.0), (2.5, 1.0), (0.5, -1.0), (3.0, 0.0), (-1.0, 20.0), (-2.0, 3.0),
                         (-0.7, -2.0), (1.0, 80.0)]
 SOFTPLUS_TAILS = [-1e4, -200.0, -110.0, -104.0, -100.0, -90.0, -88.0, -80.0, -30.0, -1e-30, 0.0, -0.0, 1e-30, 30.0,
@@ -84,11 +85,11 @@ def _softplus_exact(x, g, gg, beta, threshold):
     beta_t = torch.tensor(beta, dtype=x.dtype)
     b_rounded = x * beta_t
     linear = b_rounded > torch.tensor(threshold, dtype=x.dtype)
-    b, xd, gd, ggd = b_rounded.double(), x.double(), g.double(), gg.double()
+    b, xd, gd, ggd, beta = b_rounded.double(), x.double(), g.double(), gg.double(), float(beta_t)
     s = torch.sigmoid(b)
     d1 = torch.where(linear, torch.ones_like(s), s)
     d2 = torch.where(linear, torch.zeros_like(s), beta * s * (1 - s))
-    y = torch.where(linear, xd, torch.log1p(torch.exp(b)) / float(beta_t))
+    y = torch.where(linear, xd, torch.log1p(torch.exp(b)) / beta)
     return [y, gd * d1, ggd * d1, ggd * gd * d2], linear
 
 
@@ -229,3 +230,18 @@ def test_softplus_half_edges(dtype, beta, threshold):
         # the scalar float math may differ from the vector one by a few float ulp before rounding to dtype
         err = (out[fin].float() - r[fin]).abs()
         assert (err <= r[fin].abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny).all(), name
+
+
+def test_softplus_threshold_beyond_exp_overflow():
+    """A threshold above 88.7 lets float32 exp(b) overflow on the smooth branch: the value is inf there, as
+    F.softplus's (the same formula), while d1 = 1 / (1 + exp(-b)) stays exact (PyTorch's exp(b) / (exp(b) + 1)
+    gives nan)."""
+    x = torch.tensor([85.0, 89.0, 95.0, 99.0, 100.0, 101.0, -95.0])
+    g, gg = torch.ones_like(x), torch.ones_like(x)
+    y, gx, (og, ox) = ops.softplus_fwd(x, 1.0, 100.0), ops.softplus_bwd(g, x, 1.0, 100.0), \
+        ops.softplus_dbwd(gg, g, x, 1.0, 100.0)
+    assert torch.equal(y, torch.nn.functional.softplus(x, 1.0, 100.0))
+    assert torch.isinf(y[1:5]).all() and y[5] == 101.0
+    assert torch.equal(gx[:6], torch.ones(6)) and torch.equal(og, gx)
+    assert 0 <= gx[6] < 1e-40  # sigmoid(-95) may flush to 0 (see _check_softplus_exact)
+    assert (ox[:6] >= 0).all() and (ox[:6] < 1e-36).all()

@@ -13,6 +13,8 @@
 // ATen's headers pick the AVX-512 or AVX2 Vectorized by CPU_CAPABILITY_*, set here before any ATen header, in a
 // namespace of this file's own (CPU_CAPABILITY) so that no other translation unit's Vectorized is mixed in. With
 // neither instruction set, Vectorized is ATen's portable array type (lane by lane with std::exp / std::log1p).
+// (CPU_CAPABILITY_AVX2/512 also switch c10::Half's float conversions to F16C instructions: the same IEEE
+// round-to-nearest-even results as the portable ones of the other files; libtorch mixes them the same way.)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
     defined(__FMA__)
 #define CPU_CAPABILITY_AVX512 1
