@@ -26,6 +26,8 @@ LARGE_BN_SHAPES = [
     (5000, 40),  # 1-D: rows split across tasks, per-position sums flushed many times
     (300, 1100),  # 1-D, several blocks of channels
     (2, 2, 130, 300),  # long rows, split across tasks inside a row
+    (40, 70, 4, 4),  # short rows of 16 (column mode, constants broadcast per channel), a partial block of channels
+    (33, 20, 15),  # short rows of 15 (column mode, constants per position)
 ]
 
 
