@@ -48,14 +48,20 @@ struct AffinePass {
     if constexpr (F & kSum) acc.merge(Sums{su, sux, sg, sgx, sug});
   }
 
-  // Column mode: the constants and float sums per position (element e of the block is channel c0 + e / S).
+  // Column mode: float sums per position (element e of the block is channel c0 + e / S). Rows of at least
+  // kBroadcastMin elements run channel by channel with its constants broadcast (as row()); shorter ones read the
+  // constants from per-position arrays too. Both compute every element and sum alike.
+  static constexpr int64_t kBroadcastMin = 16;
   struct Columns {
     enum { kMean, kR, kPu, kPx, kP0, kQu, kQg, kQx, kQ0, kZa, kZc, kSu, kSux, kSg, kSgx, kSug, kArrays };
-    int64_t S, L, stride;  // arrays `stride` apart: padded so that they do not alias at 4 KiB
+    const AffinePass& pass;
+    int64_t c0, nc, S, L, stride;  // arrays `stride` apart: padded so that they do not alias at 4 KiB
     std::vector<A> buf;
     A* at(int a) { return buf.data() + a * stride; }
-    Columns(const AffinePass& pass, int64_t c0, int64_t nc, int64_t S_)
-        : S(S_), L(nc * S_), stride(ceil_div(L, 16) * 16 + 16), buf(kArrays * stride, A(0)) {
+    Columns(const AffinePass& pass_, int64_t c0_, int64_t nc_, int64_t S_)
+        : pass(pass_), c0(c0_), nc(nc_), S(S_), L(nc_ * S_), stride(ceil_div(L, 16) * 16 + 16),
+          buf(kArrays * stride, A(0)) {
+      if (S >= kBroadcastMin) return;
       for (int64_t e = 0; e < L; ++e) {
         const ChannelCoef<A>& kc = pass.k[c0 + e / S];
         for (auto [a, v] : {std::pair{kMean, kc.mean}, {kR, kc.r}, {kPu, kc.p.cu}, {kPx, kc.p.cx}, {kP0, kc.p.c0},
@@ -65,16 +71,35 @@ struct AffinePass {
       }
     }
     void run(const BnRun<T, A>& run) {
+      if (S >= kBroadcastMin) {
+        for (int64_t c = 0; c < nc; ++c) {
+          const BnPtrs<T> a = ptrs(BnRun<T, A>{run.io, run.i + c * S, S});
+          const ChannelCoef<A> kc = pass.k[c0 + c];
+          A *su = at(kSu) + c * S, *sux = at(kSux) + c * S, *sg = at(kSg) + c * S, *sgx = at(kSgx) + c * S,
+            *sug = at(kSug) + c * S;
+          FASTJAC_OMP_SIMD
+          for (int64_t j = 0; j < S; ++j) bn_element<F>(kc, a, j, su[j], sux[j], sg[j], sgx[j], sug[j]);
+        }
+        return;
+      }
       const BnPtrs<T> a = ptrs(run);
       const A *mean = at(kMean), *r = at(kR), *pu = at(kPu), *px = at(kPx), *p0 = at(kP0), *qu = at(kQu),
               *qg = at(kQg), *qx = at(kQx), *q0 = at(kQ0), *za = at(kZa), *zc = at(kZc);
       A *su = at(kSu), *sux = at(kSux), *sg = at(kSg), *sgx = at(kSgx), *sug = at(kSug);
       FASTJAC_OMP_SIMD
-      for (int64_t j = 0; j < L; ++j) {
-        const ChannelCoef<A> kc{
-            mean[j], r[j], {pu[j], A(0), px[j], p0[j]}, {qu[j], qg[j], qx[j], q0[j]}, {za[j], zc[j]}};
-        bn_element<F>(kc, a, j, su[j], sux[j], sg[j], sgx[j], sug[j]);
-      }
+      for (int64_t j = 0; j < L; ++j)
+        element(a, j, mean[j], r[j], pu[j], px[j], p0[j], qu[j], qg[j], qx[j], q0[j], za[j], zc[j], su[j], sux[j],
+                sg[j], sgx[j], sug[j]);
+    }
+    // One element with its position's constants, passed as scalars. The ChannelCoef is built here, not in the
+    // `omp simd` loop: there it would be an addressable per-iteration local, which gcc's OpenMP lowering (before
+    // inlining) makes a per-lane array of structs that the vectoriser then rejects ("no vectype for stmt
+    // D[_31].p.cg = 0.0"), so every column loop with outputs ran scalar, and with the fused ReLU the mask's
+    // selection became an unpredictable branch (BN+ReLU 3-4x BN's time at 128x256x8x8).
+    FASTJAC_INLINE static void element(const BnPtrs<T>& a, int64_t j, A mean, A r, A pu, A px, A p0, A qu, A qg,
+                                       A qx, A q0, A za, A zc, A& su, A& sux, A& sg, A& sgx, A& sug) {
+      const ChannelCoef<A> kc{mean, r, {pu, A(0), px, p0}, {qu, qg, qx, q0}, {za, zc}};
+      bn_element<F>(kc, a, j, su, sux, sg, sgx, sug);
     }
     void flush(Acc* acc) {
       if (!(F & kSum)) return;
