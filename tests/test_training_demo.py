@@ -16,7 +16,8 @@ def test_demo_quick(tmp_path):
     assert "| CE + A + J |" in r.stdout and "| CE + A |" in r.stdout and "| CE |" in r.stdout
     assert "1 per class: CE + A + J - CE =" in r.stdout and "the paper's ordering is" in r.stdout
     figure = next(line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("figure: "))
-    assert os.path.isfile(figure) and os.path.samefile(os.path.dirname(figure), out)
+    figure = tmp_path / figure                      # printed relative to the demo's working directory
+    assert figure.is_file() and figure.parent.samefile(out)
     assert "plain PyTorch autograd" in r.stdout and "largest accuracy difference" in r.stdout
     assert (out / "teacher" / "model.pt").is_file()
     assert not (out / "plain_autograd").exists()    # the timed runs are fresh, in temporary folders

@@ -199,7 +199,7 @@ def test_frozen_penalty_is_differentiated_through_the_statistics(fused):
     torch.testing.assert_close(directional["frozen"], fd, rtol=1e-5, atol=1e-9)
     assert (directional["frozen_constant"] - fd).abs() > 1e-3 * fd.abs()
     conv = next(i for i, p in enumerate(params) if p.dim() == 4)   # the first convolution, followed by BatchNorm
-    radial = {m: float((gs[conv] * params[conv].detach()).sum() / (gs[conv].norm() * params[conv].norm()))
+    radial = {m: float((gs[conv] * params[conv].detach()).sum() / (gs[conv].norm() * params[conv].detach().norm()))
               for m, gs in ((m, [gr.detach() for gr in gs]) for m, gs in grads.items())}
     assert abs(radial["frozen"]) < 1e-3 < abs(radial["frozen_constant"])
 

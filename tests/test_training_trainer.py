@@ -174,7 +174,8 @@ def test_ddp_matches_single_process_accumulation(tmp_path):
     a = torch.load(tmp_path / "single/smoke_digits/pc10/seed0/model.pt", weights_only=True)
     b = torch.load(tmp_path / "ddp/smoke_digits/pc10/seed0/model.pt", weights_only=True)
     torch.manual_seed(0)  # the runs' seed: their initial parameters
-    before = build_model({"arch": "vgg4", "num_classes": 10, "in_channels": 1}).state_dict()
+    run_cfg = config.load(str(tmp_path / "single/smoke_digits/pc10/seed0/config.yaml"))
+    before = build_model(run_cfg.model).state_dict()
     moved = 0
     for k in a:
         if a[k].is_floating_point() and "running" not in k:

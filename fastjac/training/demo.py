@@ -29,8 +29,7 @@ from .report import method_stats, plot_per_class, table
 from .runner import cell_dir, run_experiment, with_teacher
 from .trainer import Trainer
 
-QUICK = ["epochs=3", "sweep.per_class=[1]", "sweep.seeds=[0, 1]", "teacher.train.epochs=1",
-         "teacher.train.schedule.milestones=[]", "schedule.milestones=[]"]
+QUICK = ["epochs=3", "sweep.per_class=[1]", "sweep.seeds=[0, 1]", "teacher.train.epochs=1"]
 JACOBIAN, BASELINES = "CE + A + J", ("CE", "CE + A")
 TIMED_EPOCHS = 10  # the timed pair trains the cell's first 10 epochs (100 optimiser steps), both runs alike
 

@@ -1,0 +1,103 @@
+"""The trainer's own step (``Trainer._step``: zero_grad, every loss term, backward, optimiser step) on the
+bundled digits, CE against each Jacobian term in each BatchNorm mode, fused against plain, in one process.
+
+Models: ``vgg9`` (VGG-9-BN, batch 64, 3×32×32 digits, 10 classes: the VGG step of the kernel report, on real
+images) and ``demo`` (the demo's student: VGG-4 width 0.25, batch 10 of 1×16×16, its teacher VGG-4 width 0.5).
+The teacher of ``jacobian_matching`` is an untrained model of the config's teacher architecture, saved to a
+temporary file (its weights do not change the cost). Variants are timed round-robin, median of ``repeats``.
+
+    python -m benchmarks.trainer_step [--repeats 5] [--models vgg9 demo] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from fastjac.training import config as config_io
+from fastjac.training.models import build_model
+from fastjac.training.trainer import Trainer
+
+MODELS = {
+    "vgg9": dict(model={"arch": "vgg9", "num_classes": 10, "in_channels": 3},
+                 teacher={"arch": "vgg9", "num_classes": 10, "in_channels": 3},
+                 data={"dataset": "digits", "image_size": 32, "channels": 3, "batch_size": 64}),
+    "demo": dict(model={"arch": "vgg4", "num_classes": 10, "in_channels": 1, "width": 0.25},
+                 teacher={"arch": "vgg4", "num_classes": 10, "in_channels": 1, "width": 0.5},
+                 data={"dataset": "digits", "image_size": 16, "channels": 1, "batch_size": 10}),
+}
+LOSSES = {"CE": {"ce": 1.0}}
+for _mode in ("frozen", "live"):
+    LOSSES[f"CE + Jacobian norm ({_mode})"] = {"ce": 1.0, "jacobian_norm": {"weight": 0.01, "batch_norm": _mode}}
+    LOSSES[f"CE + Jacobian matching ({_mode})"] = {"ce": 1.0, "jacobian_matching": {"weight": 1.0, "batch_norm": _mode}}
+
+
+def make_step(model: str, loss: str, fused: bool, teacher_path: str):
+    """``step()`` running one ``Trainer._step`` of the variant on a fixed batch of training digits."""
+    spec = MODELS[model]
+    cfg = {"name": f"{model}/{loss}", "epochs": 1, "model": dict(spec["model"], fused=fused),
+           "data": spec["data"], "optim": {"name": "sgd", "lr": 0.01}, "loss": LOSSES[loss]}
+    if "jacobian_matching" in LOSSES[loss]:
+        cfg["teacher"] = {"model": dict(spec["teacher"], fused=fused), "checkpoint": teacher_path}
+    trainer = Trainer(config_io.from_mapping(cfg), tempfile.mkdtemp(prefix="fastjac-bench-"), progress=False)
+    trainer.setup()
+    trainer.model.train()
+    idx = torch.arange(spec["data"]["batch_size"])
+    return lambda: trainer._step(idx, 0, 0)
+
+
+def measure(models=("vgg9", "demo"), repeats: int = 5) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            teacher_path = os.path.join(tmp, f"{model}-teacher.pt")
+            torch.save(build_model(dict(MODELS[model]["teacher"], fused=False)).state_dict(), teacher_path)
+            steps = {(loss, fused): make_step(model, loss, fused, teacher_path)
+                     for loss in LOSSES for fused in (False, True)}
+            times = {key: [] for key in steps}
+            for step in steps.values():  # warm-up
+                step()
+            for _ in range(repeats):
+                for key, step in steps.items():
+                    t0 = time.perf_counter()
+                    step()
+                    times[key].append(time.perf_counter() - t0)
+            med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+            for loss in LOSSES:
+                rows.append({"model": model, "loss": loss, "plain_ms": med[(loss, False)], "fused_ms": med[(loss, True)],
+                             "plain_vs_ce": med[(loss, False)] / med[("CE", False)],
+                             "fused_vs_ce": med[(loss, True)] / med[("CE", True)]})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | step | plain, ms | fused, ms | plain / fused | plain ÷ its CE | fused ÷ its CE |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['loss']} | {r['plain_ms']:.1f} | {r['fused_ms']:.1f} | "
+                     f"{r['plain_ms'] / r['fused_ms']:.2f}× | {r['plain_vs_ce']:.2f}× | {r['fused_vs_ce']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    load = os.getloadavg()
+    text = (f"torch threads {torch.get_num_threads()}, load average at start {load[0]:.2f}, median of "
+            f"{args.repeats}\n\n" + markdown(measure(args.models, args.repeats)))
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
