@@ -31,7 +31,9 @@ first convolutions points along the weights, and training with it fails to reduc
 stay constant in the extra pass's *input* (each row is still that sample's own Jacobian, same values) but
 remain functions of the *parameters* through the clean pass, so the loss is differentiated through
 them as training-mode BatchNorm is; the extra pass then applies each BatchNorm as the affine map
-``x · γ/√(σ²+ε) + (β − μγ/√(σ²+ε))`` (and ReLU for a fused ``BatchNormReLU``) built from autograd ops. Works for every ``torch.nn`` BatchNorm subclass (including
+``x · γ/√(σ²+ε) + (β − μγ/√(σ²+ε))`` (and ReLU for a fused ``BatchNormReLU``) built from autograd ops.
+
+Works for every ``torch.nn`` BatchNorm subclass (including
 :mod:`fastjac.nn` ``BatchNormNd`` / ``BatchNormReLUNd``, whose eval path is their fused op), since only the
 ``training`` flag and the two running buffers are swapped, for the duration of each call.
 """

@@ -1,10 +1,10 @@
 """Trainer features of the few-shot schedules: ``data.epoch_size`` (optimiser steps per epoch), ``model.width``,
 evaluation with batch statistics, and the rule that a finished run is reused only for the config it was
 trained with."""
-import json
 
 import pytest
 import torch
+from _training_config import config_with
 
 from fastjac.training import checkpoint as ckpt_io
 from fastjac.training import config
@@ -22,10 +22,7 @@ BASE = {
 
 
 def _cfg(**changes):
-    data = json.loads(json.dumps(BASE))
-    for k, v in changes.items():
-        config.set_dotted(data, k, v)
-    return config.from_mapping(data)
+    return config_with(BASE, **changes)
 
 
 def test_epoch_size_fixes_the_steps_and_balances_examples(tmp_path):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from _training_config import config_with
 
 from fastjac.training import checkpoint as ckpt_io
 from fastjac.training import config, terms
@@ -25,10 +26,7 @@ BASE.pop("model_dropout_note")
 
 
 def _cfg(**changes):
-    data = json.loads(json.dumps(BASE))
-    for k, v in changes.items():
-        config.set_dotted(data, k, v)
-    return config.from_mapping(data)
+    return config_with(BASE, **changes)
 
 
 def _state(run_dir):
