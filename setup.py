@@ -94,7 +94,7 @@ def _write_build_info(info):
 
 
 def _extension():
-    cpp_sources = ["csrc/fastjac.cpp"] + _sources("cpu/*.cpp")
+    cpp_sources = ["csrc/fastjac.cpp"] + _sources("autograd/*.cpp") + _sources("cpu/*.cpp")
     cuda_sources = _sources("cuda/*.cu")
     arch = shlex.split(os.environ.get("FASTJAC_CPU_ARCH_FLAGS", "-march=native"))
     # -g0: Python's CFLAGS add -g, whose debug info is ~25x the code of these templates and doubles build time.

@@ -1,7 +1,11 @@
 // The fastjac operator library: kernel schemas (csrc/KERNELS.md), implemented per backend in csrc/cpu/
-// (and csrc/cuda/ when built with CUDA), plus the Python module fastjac._C.
+// (and csrc/cuda/ when built with CUDA), their autograd links in csrc/autograd/, plus the Python module fastjac._C.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
+
+namespace fastjac::autograd {
+void bind_entries(pybind11::module& m);  // csrc/autograd/entries.cpp
+}
 
 TORCH_LIBRARY(fastjac, m) {
   m.def("relu_fwd(Tensor x) -> (Tensor, Tensor)");
@@ -21,6 +25,17 @@ TORCH_LIBRARY(fastjac, m) {
   m.def(
       "bn_jvp(Tensor? tx, Tensor? tw, Tensor? tb, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor? bias, bool training, bool relu) -> Tensor");
+  // Third-order links of the autograd chain (csrc/autograd/chain.h): the VJPs of softplus_dbwd and bn_dbwd,
+  // implemented in Python (fastjac/ops/) by differentiating the reference formulas. `output_mask` says which
+  // differentiable inputs need a gradient ((ggrad, grad, x) and (ggx, ggw, ggb, grad, x, weight)); the result
+  // holds those gradients only, in order.
+  m.def(
+      "softplus_dbwd_backward(Tensor? grad_a, Tensor? grad_b, Tensor ggrad, Tensor grad, Tensor x, float beta, "
+      "float threshold, bool[3] output_mask) -> Tensor[]");
+  m.def(
+      "bn_dbwd_backward(Tensor? grad_ggrad, Tensor? grad_gx, Tensor? grad_gw, Tensor? ggx, Tensor? ggw, "
+      "Tensor? ggb, Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
+      "bool training, bool relu, bool[6] output_mask) -> Tensor[]");
   // Perturbations (csrc/common/philox.h): counter-based noise regenerated from (seed, offset), never stored.
   m.def("philox_words(Tensor like, int seed, int offset) -> Tensor");
   m.def("perturb_fwd(Tensor x, Tensor sigma, int seed, int offset, int distribution) -> Tensor");
@@ -39,4 +54,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "True when the extension was built with the CUDA kernels.");
+  fastjac::autograd::bind_entries(m);
 }

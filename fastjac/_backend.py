@@ -130,6 +130,27 @@ def _validate_choice(name: str, source: str) -> str:
 _forced = _validate_choice(os.environ.get("FASTJAC_BACKEND", "auto"), "FASTJAC_BACKEND")
 
 
+_compiled_serves_cache: dict = {}
+
+
+def compiled_serves(x: torch.Tensor) -> bool:
+    """Whether the compiled kernels (the ``cpu`` or ``cuda`` backend) serve ``x`` under the current choice.
+
+    Called on every fused-op call, so it is a dictionary lookup after the first call per (choice, device type);
+    :func:`set_backend` clears the cache. An unavailable forced backend answers False here: the Python chain
+    then raises the full error."""
+    kind = "cpu" if x.is_cpu else "cuda" if x.is_cuda else "other"
+    key = (_forced, kind)
+    answer = _compiled_serves_cache.get(key)
+    if answer is None:
+        try:
+            answer = kind != "other" and backend_name(x.device) in ("cpu", "cuda")
+        except RuntimeError:
+            answer = False
+        _compiled_serves_cache[key] = answer
+    return answer
+
+
 def current_backend() -> str:
     """The forced backend name, or ``"auto"``."""
     return _forced
@@ -139,6 +160,7 @@ def set_backend(name: str) -> None:
     """Force a backend for all subsequent fastjac ops (``"auto"`` restores automatic choice)."""
     global _forced
     _forced = _validate_choice(name, "backend")
+    _compiled_serves_cache.clear()
 
 
 @contextlib.contextmanager

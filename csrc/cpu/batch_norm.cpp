@@ -12,6 +12,7 @@
 
 #include "../common/batch_norm.h"
 #include "../common/batch_norm_element.h"
+#include "channel_vectors.h"
 #include "loops.h"
 
 namespace fastjac::cpu {
@@ -174,10 +175,7 @@ struct Stats {
   std::vector<double> mean, invstd;  // values of the statistics tensors (float32 or float64)
   std::vector<BnZ<double>> z;        // the forward's z = a x + c per channel (set_z), when needed
   Stats(const Tensor& m, const Tensor& r) : mean(to_vector(m)), invstd(to_vector(r)) {}
-  static std::vector<double> to_vector(const Tensor& t) {
-    const Tensor d = t.to(at::kDouble).contiguous();
-    return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
-  }
+  static std::vector<double> to_vector(const Tensor& t) { return read_channels(t); }
   // bn_z_coef of every channel: the same values in bn_fwd and in the kernels after it, which get the forward's
   // mean and invstd tensors (exactly representable in double) and the same weight and bias.
   void set_z(const std::vector<double>& gamma, const std::vector<double>& beta) {
@@ -260,9 +258,7 @@ Stats saved_stats(const Tensor& x, const Tensor& mean, const Tensor& invstd, con
   return st;
 }
 
-Tensor stat_tensor(const std::vector<double>& v, const Tensor& x) {
-  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(bn_stat_dtype(x));
-}
+Tensor stat_tensor(const std::vector<double>& v, const Tensor& x) { return channel_tensor(v, bn_stat_dtype(x)); }
 
 template <typename T>
 T* ptr(const Tensor& t) {
@@ -318,12 +314,11 @@ std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& wei
     });
     std::vector<double> mu(geo.C), var(geo.C);
     for (int64_t c = 0; c < geo.C; ++c) mu[c] = mom[c].mean, var[c] = mom[c].var();
-    mean = stat_tensor(mu, x);
-    const Tensor v = stat_tensor(var, x);
-    invstd = bn_train_invstd(v, eps);
-    bn_update_running(running_mean, running_var, mean, v, geo.count(), momentum);
+    const TrainStats stats = bn_train_stats(x, mu, var, geo.count(), eps, running_mean, running_var, momentum);
+    mean = stats.mean, invstd = stats.invstd;
   } else {
-    std::tie(mean, invstd) = bn_eval_stats(x, *running_mean, *running_var, eps);
+    const TrainStats stats = bn_eval_stats_cpu(x, *running_mean, *running_var, eps);
+    mean = stats.mean, invstd = stats.invstd;
   }
   const Tensor y = empty_output(x);
   Stats st(mean, invstd);

@@ -123,6 +123,10 @@ inline void pack_positive(const T* y, int64_t i0, int64_t len, uint8_t* mask, bo
 // and each thread owns whole mask bytes, so bodies may write mask bytes with pack_positive(shared=false).
 template <typename Body>
 inline void parallel_chunks(int64_t numel, const Body& body) {
+  if (numel <= kParallelMin) {  // one thread: no parallel_for bookkeeping (it matters on tiny tensors)
+    for (int64_t i = 0; i < numel; i += kChunk) body(i, std::min(kChunk, numel - i));
+    return;
+  }
   at::parallel_for(0, mask_bytes(numel), kParallelMin / 8, [&](int64_t b0, int64_t b1) {
     const int64_t end = std::min(numel, b1 * 8);
     for (int64_t i = b0 * 8; i < end; i += kChunk) body(i, std::min(kChunk, end - i));

@@ -7,7 +7,10 @@ saved x, mean, invstd, weight and bias, with the forward's own formula, csrc/KER
 plus ``fastjac::batch_norm_jvp`` for forward mode. The backward links take the saved batch statistics as
 constants and return total derivatives (the statistics' dependence on ``x`` is in the formulas of
 ``csrc/KERNELS.md``), so nothing downstream ever touches the running statistics again.
-Orders beyond the double backward differentiate the reference formulas.
+Orders beyond the double backward differentiate the reference formulas. That is the Python chain; the C++ chain
+(``csrc/autograd/batch_norm.cpp``) runs ``fastjac::bn_fwd`` (running statistics updated in place by the kernel)
+-> ``bn_bwd`` -> ``bn_dbwd`` -> ``bn_dbwd_backward`` (the reference VJP registered below), with the argument
+checks in C++ too. :mod:`fastjac.ops._paths` says which serves a call.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from torch import Tensor
 from .. import _backend, reference
 from .._autograd import differentiable, direct, reference_links, save_inputs, saved_inputs
 from ._checks import check_channel_vector, check_float_tensor
+from ._paths import cpp_entry, use_cpp_chain
+from ._third_order import register_reference_vjp
 
 
 def _stat_dtype(x):
@@ -35,6 +40,9 @@ def _channel_stat(x):
 
 def _c(t):
     return None if t is None else t.contiguous()
+
+
+_cpp_batch_norm = cpp_entry("batch_norm")  # the C++ chain's entry
 
 
 @torch.library.custom_op("fastjac::batch_norm", mutates_args=())
@@ -151,6 +159,7 @@ def _backward_vjp(ctx, ggx, ggw, ggb):
 _backward_ref_vjp, _backward_ref_jvp = reference_links(reference.bn_bwd)
 _dbwd_vjp, _dbwd_jvp = reference_links(reference.bn_dbwd)
 _jvp_vjp, _jvp_jvp = reference_links(reference.bn_jvp)
+register_reference_vjp("bn_dbwd_backward", reference.bn_dbwd, num_grads=3, differentiable=(0, 1, 2, 3, 4, 7))
 
 _batch_norm_direct = direct(_batch_norm_op)
 
@@ -212,6 +221,8 @@ def _validate(op, x, running_mean, running_var, weight, bias, training, momentum
 
 
 def _run(op, relu, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    if use_cpp_chain(x) and type(momentum) is float:  # the C++ chain checks the other arguments itself
+        return _cpp_batch_norm(x, weight, bias, running_mean, running_var, bool(training), momentum, float(eps), relu)
     _validate(op, x, running_mean, running_var, weight, bias, training, momentum, eps)
     out = _batch_norm(
         x.contiguous(), weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps), relu

@@ -1,8 +1,9 @@
 """Fused ReLU: saves a packed 1-bit mask (not x, not y); derivative at x == 0 is 0.
 
-Chain: ``fastjac::relu`` (y, mask) -> ``fastjac::relu_backward`` (g * m), whose own VJP and JVP are
-``relu_backward`` again, so every order is exact and the second derivative w.r.t. ``x`` is an absent
-(``None``) gradient rather than an allocated zero tensor.
+Chain: forward (y, mask) -> backward (g * m), whose own VJP and JVP are the backward again, so every order is
+exact and the second derivative w.r.t. ``x`` is an absent (``None``) gradient rather than an allocated zero
+tensor. C++ chain: ``fastjac::relu_fwd`` -> ``fastjac::relu_bwd`` (``csrc/autograd/relu.cpp``); Python chain:
+``fastjac::relu`` -> ``fastjac::relu_backward`` (below). :mod:`fastjac.ops._paths` says which serves a call.
 """
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from torch import Tensor
 from .. import _backend
 from .._autograd import differentiable
 from ._checks import check_float_tensor
+from ._paths import cpp_entry, use_cpp_chain
+
+
+_cpp_relu = cpp_entry("relu")  # the C++ chain's entry
 
 
 @torch.library.custom_op("fastjac::relu", mutates_args=())
@@ -76,5 +81,7 @@ def relu_backward(grad: Tensor, mask: Tensor) -> Tensor:
 
 def relu(x: Tensor) -> Tensor:
     """``max(x, 0)`` with derivative ``1[x > 0]`` (0 at x == 0, as ``torch.relu``)."""
+    if use_cpp_chain(x) and x.is_floating_point():
+        return _cpp_relu(x)
     check_float_tensor(x, "x", "relu")
     return _relu(x)[0]

@@ -3,7 +3,9 @@
 ``y = log1p(exp(beta x)) / beta`` (``x`` where ``beta x > threshold``). Chain: ``fastjac::softplus`` ->
 ``fastjac::softplus_backward`` (``g * sigmoid(beta x)``) -> ``fastjac::softplus_double_backward``
 (``(gg * d1, gg * g * d2)``, ``d2 = beta s (1 - s)``), all fused kernels; third and higher orders
-differentiate the reference formulas.
+differentiate the reference formulas. That is the Python chain; the C++ chain (``csrc/autograd/softplus.cpp``)
+runs ``fastjac::softplus_fwd`` -> ``softplus_bwd`` -> ``softplus_dbwd`` -> ``softplus_dbwd_backward`` (the
+reference VJP registered below). :mod:`fastjac.ops._paths` says which serves a call.
 """
 from __future__ import annotations
 
@@ -13,10 +15,15 @@ from torch import Tensor
 from .. import _backend, reference
 from .._autograd import differentiable, reference_links, save_inputs, saved_inputs
 from ._checks import check_float_tensor
+from ._paths import cpp_entry, use_cpp_chain
+from ._third_order import register_reference_vjp
 
 
 def _like(t):
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+_cpp_softplus = cpp_entry("softplus")  # the C++ chain's entry
 
 
 @torch.library.custom_op("fastjac::softplus", mutates_args=())
@@ -75,6 +82,7 @@ def _softplus_backward_jvp(ctx, tgrad, tx, _tb, _tt):
 
 
 _dbwd_vjp, _dbwd_jvp = reference_links(reference.softplus_dbwd)  # level 3 and beyond
+register_reference_vjp("softplus_dbwd_backward", reference.softplus_dbwd, num_grads=2, differentiable=(0, 1, 2))
 _softplus = differentiable(_softplus_op, setup_context=save_inputs, backward=_softplus_vjp, jvp=_softplus_jvp)
 _softplus_backward = differentiable(
     _softplus_backward_op, setup_context=save_inputs, backward=_softplus_backward_vjp, jvp=_softplus_backward_jvp
@@ -96,6 +104,8 @@ def softplus_double_backward(ggrad: Tensor, grad: Tensor, x: Tensor, beta: float
 
 def softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     """``F.softplus``: ``log(1 + exp(beta x)) / beta``, linear where ``beta x > threshold``."""
+    if use_cpp_chain(x) and x.is_floating_point() and beta != 0:
+        return _cpp_softplus(x, float(beta), float(threshold))
     check_float_tensor(x, "x", "softplus")
     if beta == 0:
         raise ValueError("fastjac.ops.softplus: beta must be non-zero")

@@ -1,0 +1,215 @@
+// BatchNorm (+ReLU)'s autograd links (chain.h): bn_fwd -> bn_bwd -> bn_dbwd -> bn_dbwd_backward (reference).
+//
+// The backward links take the saved batch statistics (mean, invstd) as constants and return total derivatives
+// (the statistics' dependence on x is in their formulas, csrc/KERNELS.md), so nothing downstream touches the
+// running statistics: bn_fwd's kernel updates them in place, once per forward call.
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/library.h>
+
+#include <sstream>
+
+#include "chain.h"
+
+namespace fastjac::autograd {
+// The autograd functions are in the named namespace: their names are the autograd nodes' names
+// (grad_fn.name(), profiler traces); the helpers are internal.
+namespace {
+
+using BnTriple = std::tuple<Tensor, Tensor, Tensor>;
+
+const char* user_op(bool relu) { return relu ? "fastjac.ops.batch_norm_relu" : "fastjac.ops.batch_norm"; }
+
+// The user-facing argument checks of fastjac.ops.batch_norm (the same messages as the Python chain's, which
+// serves the Python-kernel backends), done here so that a call crosses into C++ once.
+void check_channel_vector(const OptTensor& t, const char* name, const Tensor& x, bool relu) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), user_op(relu), ": ", name,
+                   " must have a floating-point dtype, got ", t->scalar_type());
+  const int64_t channels = x.size(1);
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, user_op(relu), ": ", name, " must have shape (",
+                    channels, ",) to match input channels x.shape[1] = ", channels, ", got ", t->sizes());
+  TORCH_CHECK_VALUE(t->device() == x.device(), user_op(relu), ": ", name, " is on ", t->device(), " but x is on ",
+                    x.device());
+}
+
+void check_arguments(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                     const OptTensor& running_var, bool training, double eps, bool relu) {
+  const char* op = user_op(relu);
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must have a floating-point dtype, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be positive, got ", eps);
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be N x C x (spatial...) with at least 2 dims, got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
+                    ": running_mean and running_var must both be given or both be None");
+  TORCH_CHECK_VALUE(training || running_mean.has_value(), op,
+                    ": running_mean and running_var are required when training=False");
+  // Traced with symbolic shapes (torch.compile, opcheck): the fake kernels propagate shapes, the real call checks.
+  if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return;
+  check_channel_vector(running_mean, "running_mean", x, relu);
+  check_channel_vector(running_var, "running_var", x, relu);
+  check_channel_vector(weight, "weight", x, relu);
+  check_channel_vector(bias, "bias", x, relu);
+  TORCH_CHECK_VALUE(!training || x.numel() / std::max<int64_t>(x.size(1), 1) > 1, op,
+                    ": expected more than 1 value per channel when training, got x of shape ", x.sizes());
+}
+
+BnTriple bn_bwd_call(const Tensor& grad, const Tensor& x, const Tensor& mean, const Tensor& invstd,
+                     const OptTensor& weight, const OptTensor& bias, bool training, bool relu) {
+  static const auto op = op_handle<BnTriple(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                            const OptTensor&, const OptTensor&, bool, bool)>("fastjac::bn_bwd");
+  return op.call(grad, x, mean, invstd, weight, bias, training, relu);
+}
+
+BnTriple bn_dbwd_call(const OptTensor& ggx, const OptTensor& ggw, const OptTensor& ggb, const Tensor& grad,
+                      const Tensor& x, const Tensor& mean, const Tensor& invstd, const OptTensor& weight,
+                      const OptTensor& bias, bool training, bool relu) {
+  static const auto op = op_handle<BnTriple(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                            const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                            const OptTensor&, bool, bool)>("fastjac::bn_dbwd");
+  return op.call(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training, relu);
+}
+
+// The link's flags in one saved_data entry (each entry costs a string key and a hash-map insertion).
+void save_flags(AutogradContext* ctx, bool training, bool relu, int64_t present) {
+  ctx->saved_data["flags"] = int64_t(training) | int64_t(relu) << 1 | present << 2;
+}
+
+struct Flags {
+  bool training, relu;
+  int64_t present;
+};
+
+Flags flags(AutogradContext* ctx) {
+  const int64_t f = ctx->saved_data["flags"].toInt();
+  return {bool(f & 1), bool(f & 2), f >> 2};
+}
+
+}  // namespace
+
+// bn_dbwd(ggx?, ggw?, ggb?, grad, x, mean, invstd, weight?, bias?) -> (ggrad, gx, gw): the third order comes
+// from the reference formulas (bn_dbwd_backward, implemented in Python).
+struct BnDoubleBackward : torch::autograd::Function<BnDoubleBackward> {
+  static variable_list forward(AutogradContext* ctx, const OptTensor& ggx, const OptTensor& ggw,
+                               const OptTensor& ggb, const Tensor& grad, const Tensor& x, const Tensor& mean,
+                               const Tensor& invstd, const OptTensor& weight, const OptTensor& bias, bool training,
+                               bool relu) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({or_undefined(ggx), or_undefined(ggw), or_undefined(ggb), grad, x, mean, invstd,
+                            or_undefined(weight), or_undefined(bias)});
+    save_flags(ctx, training, relu,
+               present_bits({ggx.has_value(), ggw.has_value(), ggb.has_value(), true, true, true, true,
+                             weight.has_value(), bias.has_value()}));
+    auto [ggrad, gx, gw] = bn_dbwd_call(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training, relu);
+    return {ggrad, gx, gw};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) return variable_list(11);
+    static const auto op = op_handle<std::vector<Tensor>(
+        const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool, bool,
+        c10::ArrayRef<bool>)>("fastjac::bn_dbwd_backward");
+    const auto s = ctx->get_saved_variables();
+    const Flags f = flags(ctx);
+    const auto all = wanted_inputs(ctx, f.present, 9);
+    // Differentiable inputs: ggx, ggw, ggb, grad, x, weight (the statistics and bias are constants here).
+    const std::vector<bool> wanted{all[0], all[1], all[2], all[3], all[4], all[7]};
+    const bool mask[6] = {wanted[0], wanted[1], wanted[2], wanted[3], wanted[4], wanted[5]};
+    const auto packed = op.call(present(grads[0]), present(grads[1]), present(grads[2]), present(s[0]),
+                                present(s[1]), present(s[2]), s[3], s[4], s[5], s[6], present(s[7]), present(s[8]),
+                                f.training, f.relu, c10::ArrayRef<bool>(mask, 6));
+    const auto six = scatter_wanted(wanted, packed, 6);
+    return {six[0], six[1], six[2], six[3], six[4], Tensor(), Tensor(), six[5], Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// bn_bwd(grad, x, mean, invstd, weight?, bias?) -> (gx, gw, gb); its VJP for (grad, x, weight) is bn_dbwd.
+struct BnBackward : torch::autograd::Function<BnBackward> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad, const Tensor& x, const Tensor& mean,
+                               const Tensor& invstd, const OptTensor& weight, const OptTensor& bias, bool training,
+                               bool relu) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({grad, x, mean, invstd, or_undefined(weight), or_undefined(bias)});
+    save_flags(ctx, training, relu, present_bits({true, true, true, true, weight.has_value(), bias.has_value()}));
+    auto [gx, gw, gb] = bn_bwd_call(grad, x, mean, invstd, weight, bias, training, relu);
+    return {gx, gw, gb};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list gg) {
+    if (!gg[0].defined() && !gg[1].defined() && !gg[2].defined()) return variable_list(8);
+    const auto s = ctx->get_saved_variables();
+    const Flags f = flags(ctx);
+    const auto wanted = wanted_inputs(ctx, f.present, 6);
+    const OptTensor weight = present(s[4]);
+    auto [ggrad, gx, gw] = bn_dbwd_call(present(gg[0]), present(gg[1]), present(gg[2]), s[0], s[1], s[2], s[3],
+                                        weight, present(s[5]), f.training, f.relu);
+    return {wanted[0] ? ggrad : Tensor(), wanted[1] ? gx : Tensor(), Tensor(), Tensor(),
+            wanted_as(wanted[4], gw, weight), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// bn_fwd(x, weight?, bias?, running_mean?, running_var?, training, momentum, eps, relu) -> (y, mean, invstd).
+struct BnForward : torch::autograd::Function<BnForward> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                               const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                               double momentum, double eps, bool relu) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto op = op_handle<BnTriple(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                              const OptTensor&, bool, double, double, bool)>("fastjac::bn_fwd");
+    auto [y, mean, invstd] = op.call(x, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+    // bias is read by the backward links only for the fused ReLU's mask.
+    ctx->save_for_backward({x, or_undefined(weight), relu ? or_undefined(bias) : Tensor(), mean, invstd});
+    save_flags(ctx, training, relu, present_bits({true, weight.has_value(), bias.has_value()}));
+    ctx->mark_non_differentiable({mean, invstd});
+    return {y, mean, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(9);
+    const auto s = ctx->get_saved_variables();
+    const Flags f = flags(ctx);
+    const auto wanted = wanted_inputs(ctx, f.present, 3);
+    const OptTensor weight = present(s[1]);
+    auto [gx, gw, gb] = bn_bwd_call(grads[0], s[0], s[3], s[4], weight, present(s[2]), f.training, f.relu);
+    return {wanted[0] ? gx : Tensor(), wanted_as(wanted[1], gw, weight), wanted_as(wanted[2], gb, weight),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+namespace {
+
+BnTriple bn_fwd_autograd(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                         const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+                         double eps, bool relu) {
+  check_arguments(x, weight, bias, running_mean, running_var, training, eps, relu);
+  auto out = BnForward::apply(x, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+  if (training && running_mean.has_value()) {  // updated in place by the kernel, once
+    torch::autograd::increment_version(*running_mean);
+    torch::autograd::increment_version(*running_var);
+  }
+  return {out[0], out[1], out[2]};
+}
+
+BnTriple bn_bwd_autograd(const Tensor& grad, const Tensor& x, const Tensor& mean, const Tensor& invstd,
+                         const OptTensor& weight, const OptTensor& bias, bool training, bool relu) {
+  auto out = BnBackward::apply(grad, x, mean, invstd, weight, bias, training, relu);
+  return {out[0], out[1], out[2]};
+}
+
+BnTriple bn_dbwd_autograd(const OptTensor& ggx, const OptTensor& ggw, const OptTensor& ggb, const Tensor& grad,
+                          const Tensor& x, const Tensor& mean, const Tensor& invstd, const OptTensor& weight,
+                          const OptTensor& bias, bool training, bool relu) {
+  auto out = BnDoubleBackward::apply(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training, relu);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastjac, Autograd, m) {
+  m.impl("bn_fwd", &bn_fwd_autograd);
+  m.impl("bn_bwd", &bn_bwd_autograd);
+  m.impl("bn_dbwd", &bn_dbwd_autograd);
+}
+
+}  // namespace fastjac::autograd

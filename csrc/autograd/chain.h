@@ -1,0 +1,77 @@
+// The C++ autograd chain (csrc/autograd/): every link of a fused op is a dispatcher op with a C++ autograd
+// function registered for the Autograd key, whose backward calls the next link through the dispatcher, so a
+// gradient of a gradient composes with no Python on the way (torchvision's csrc/ops/autograd/ shape).
+//
+//   relu:      relu_fwd -> relu_bwd -> relu_bwd ...                         (closed: every order is exact)
+//   softplus:  softplus_fwd -> softplus_bwd -> softplus_dbwd -> softplus_dbwd_backward (reference, Python)
+//   bn (+relu): bn_fwd -> bn_bwd -> bn_dbwd -> bn_dbwd_backward (reference, Python)
+//
+// The `*_backward` links of the last column are declared in C++ (csrc/fastjac.cpp) and implemented in Python
+// as CompositeImplicitAutograd ops that differentiate the reference formulas (fastjac/ops/), so third and
+// higher derivatives stay exact; they are reached only at the third order.
+//
+// C++ autograd functions support neither forward-mode AD nor torch.func transforms (PyTorch raises for
+// them); fastjac/ops/_paths.py routes those calls, and every call of the Python-kernel backends, to the
+// Python chain instead.
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fastjac::autograd {
+
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The dispatcher handle of `fastjac::<name>` with C++ signature Sig (looked up once per call site).
+template <class Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// An optional tensor as an autograd input/output: an undefined tensor is "absent".
+inline OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+inline Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+// `t` cast to `like`'s dtype (a differentiable ATen op), or undefined when not wanted.
+inline Tensor wanted_as(bool wanted, const Tensor& t, const OptTensor& like) {
+  if (!wanted) return Tensor();
+  return like.has_value() && like->scalar_type() != t.scalar_type() ? t.to(like->scalar_type()) : t;
+}
+
+// needs_input_grad per tensor argument, in argument order: `present` has bit i set when tensor argument i was
+// given (an absent optional tensor has no autograd edge, so edge indices skip it).
+inline std::vector<bool> wanted_inputs(AutogradContext* ctx, int64_t present, size_t num_tensor_args) {
+  std::vector<bool> out(num_tensor_args, false);
+  size_t edge = 0;
+  for (size_t i = 0; i < num_tensor_args; ++i) {
+    if (present >> i & 1) out[i] = ctx->needs_input_grad(edge++);
+  }
+  return out;
+}
+
+// The `present` bits of wanted_inputs for a list of optional tensor arguments.
+inline int64_t present_bits(std::initializer_list<bool> given) {
+  int64_t bits = 0, i = 0;
+  for (bool g : given) bits |= int64_t(g) << i++;
+  return bits;
+}
+
+// Maps a list holding the gradients of the wanted inputs only (in order) back to one slot per input.
+inline variable_list scatter_wanted(const std::vector<bool>& wanted, const std::vector<Tensor>& packed,
+                                    size_t num_inputs) {
+  variable_list out(num_inputs);
+  size_t k = 0;
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    if (wanted[i]) out[i] = packed.at(k++);
+  }
+  return out;
+}
+
+}  // namespace fastjac::autograd

@@ -1,0 +1,44 @@
+// Python entry points of the C++ chain (fastjac._C.relu, .softplus, .batch_norm): one unboxed dispatcher call
+// each, returning the op's output only. Calling through torch.ops instead boxes every argument into IValues
+// and every result (mean, invstd, the mask) into Python objects: on a tiny tensor that is most of the call.
+// fastjac/ops/ uses these on the C++ chain (fastjac/ops/_paths.py says when).
+#include <torch/python.h>
+
+#include "chain.h"
+
+namespace fastjac::autograd {
+namespace {
+
+Tensor relu(const Tensor& x) {
+  static const auto op = op_handle<std::tuple<Tensor, Tensor>(const Tensor&)>("fastjac::relu_fwd");
+  return std::get<0>(op.call(x));
+}
+
+Tensor softplus(const Tensor& x, double beta, double threshold) {
+  static const auto op = op_handle<Tensor(const Tensor&, double, double)>("fastjac::softplus_fwd");
+  return op.call(x, beta, threshold);
+}
+
+Tensor batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                  const OptTensor& running_var, bool training, double momentum, double eps, bool relu) {
+  static const auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double, double,
+      bool)>("fastjac::bn_fwd");
+  return std::get<0>(op.call(x, weight, bias, running_mean, running_var, training, momentum, eps, relu));
+}
+
+}  // namespace
+
+void bind_entries(pybind11::module& m) {
+  namespace py = pybind11;
+  // The GIL is released around the call, as for PyTorch's own ops.
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("relu", &relu, "fastjac::relu_fwd's output y (C++ chain)", py::arg("x"), release);
+  m.def("softplus", &softplus, "fastjac::softplus_fwd (C++ chain)", py::arg("x"), py::arg("beta"),
+        py::arg("threshold"), release);
+  m.def("batch_norm", &batch_norm, "fastjac::bn_fwd's output y (C++ chain); updates the running statistics once",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("relu"), release);
+}
+
+}  // namespace fastjac::autograd

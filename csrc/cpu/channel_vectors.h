@@ -1,0 +1,83 @@
+// Host-side per-channel vectors of the CPU BatchNorm kernels (statistics, running statistics, weight, bias),
+// read and written through their data pointers: a handful of values per channel, for which ATen tensor ops
+// (a dispatch and an allocation each) cost far more than the arithmetic. On tiny inputs they were most of a
+// kernel call.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "../common/aten_utils.h"
+
+namespace fastjac::cpu {
+
+// The values of a 1-D floating CPU tensor (any stride, any floating dtype) as double.
+inline std::vector<double> read_channels(const at::Tensor& t) {
+  std::vector<double> out(t.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fastjac::read_channels", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t stride = t.dim() ? t.stride(0) : 1;
+    for (size_t c = 0; c < out.size(); ++c) out[c] = static_cast<double>(p[c * stride]);
+  });
+  return out;
+}
+
+// A new 1-D tensor of `dtype` holding `v` (rounded once from double).
+inline at::Tensor channel_tensor(const std::vector<double>& v, at::ScalarType dtype) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastjac::channel_tensor", [&] {
+    scalar_t* p = t.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < v.size(); ++c) p[c] = static_cast<scalar_t>(v[c]);
+  });
+  return t;
+}
+
+// r <- (1 - momentum) r + momentum s for each channel, in double, stored in r's dtype (as PyTorch's CPU batch
+// norm updates its running statistics).
+inline void blend_into(const at::Tensor& r, const std::vector<double>& s, double momentum) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "fastjac::blend_into", [&] {
+    scalar_t* p = r.mutable_data_ptr<scalar_t>();
+    const int64_t stride = r.dim() ? r.stride(0) : 1;
+    for (size_t c = 0; c < s.size(); ++c) {
+      scalar_t& e = p[c * stride];
+      e = static_cast<scalar_t>((1 - momentum) * static_cast<double>(e) + momentum * s[c]);
+    }
+  });
+}
+
+// Training statistics of bn_fwd from the per-channel moments: mean and invstd = 1 / sqrt(var + eps) as tensors
+// of the statistics dtype, and the running statistics' update with the unbiased variance var M / (M - 1).
+struct TrainStats {
+  at::Tensor mean, invstd;
+};
+
+inline TrainStats bn_train_stats(const at::Tensor& x, const std::vector<double>& mean, const std::vector<double>& var,
+                                 int64_t count, double eps, const std::optional<at::Tensor>& running_mean,
+                                 const std::optional<at::Tensor>& running_var, double momentum) {
+  const at::ScalarType dtype = bn_stat_dtype(x);
+  std::vector<double> invstd(var.size());
+  for (size_t c = 0; c < var.size(); ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  if (running_mean.has_value()) {
+    std::vector<double> unbiased(var.size());
+    for (size_t c = 0; c < var.size(); ++c) unbiased[c] = var[c] * count / (count - 1);
+    blend_into(*running_mean, mean, momentum);
+    blend_into(*running_var, unbiased, momentum);
+  }
+  return {channel_tensor(mean, dtype), channel_tensor(invstd, dtype)};
+}
+
+// Eval statistics: (mean, invstd) = (rm, 1 / sqrt(rv + eps)) in the statistics dtype.
+inline TrainStats bn_eval_stats_cpu(const at::Tensor& x, const at::Tensor& running_mean,
+                                    const at::Tensor& running_var, double eps) {
+  const std::vector<double> rv = read_channels(running_var);
+  std::vector<double> invstd(rv.size());
+  for (size_t c = 0; c < rv.size(); ++c) invstd[c] = 1.0 / std::sqrt(rv[c] + eps);
+  return {channel_tensor(read_channels(running_mean), bn_stat_dtype(x)), channel_tensor(invstd, bn_stat_dtype(x))};
+}
+
+}  // namespace fastjac::cpu
