@@ -3,6 +3,7 @@
 // The backward links take the saved batch statistics (mean, invstd) as constants and return total derivatives
 // (the statistics' dependence on x is in their formulas, csrc/KERNELS.md), so nothing downstream touches the
 // running statistics: bn_fwd's kernel updates them in place, once per forward call.
+#include <ATen/ATen.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
@@ -85,6 +86,36 @@ Flags flags(AutogradContext* ctx) {
   return {bool(f & 1), bool(f & 2), f >> 2};
 }
 
+// A per-channel vector as a tensor broadcasting against x (1 x C x 1 ...).
+Tensor per_channel(const Tensor& v, const Tensor& x) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = x.size(1);
+  return v.view(shape);
+}
+
+// The gradient reaching x through the batch statistics, from the gradients of the mean and invstd outputs
+// (differentiable on a switchable graph only): dmean/dx = 1/M, dinvstd/dx = -r^3 (x - mean) / M.
+Tensor through_statistics(const Tensor& g_mean, const Tensor& g_invstd, const Tensor& x, const Tensor& mean,
+                          const Tensor& invstd) {
+  const double count = static_cast<double>(x.numel() / x.size(1));
+  Tensor out;
+  if (g_invstd.defined()) {
+    const Tensor xh = (x.to(mean.scalar_type()) - per_channel(mean, x)) * per_channel(invstd, x);
+    out = xh * per_channel(g_invstd * invstd * invstd, x) * (-1.0 / count);
+  }
+  if (g_mean.defined()) {
+    const Tensor m = per_channel(g_mean / count, x);
+    out = out.defined() ? out + m : m.expand_as(x);
+  }
+  return out.to(x.scalar_type());
+}
+
+// Whether a switchable graph's frozen switch (csrc/autograd/chain.h) is on.
+bool switch_on(AutogradContext* ctx) {
+  const auto it = ctx->saved_data.find("switch");
+  return it != ctx->saved_data.end() && it->second.toTensor().item<bool>();
+}
+
 }  // namespace
 
 // bn_dbwd(ggx?, ggw?, ggb?, grad, x, mean, invstd, weight?, bias?) -> (ggrad, gx, gw): the third order comes
@@ -144,16 +175,35 @@ struct BnBackward : torch::autograd::Function<BnBackward> {
     const OptTensor weight = present(s[4]);
     auto [ggrad, gx, gw] = bn_dbwd_call(present(gg[0]), present(gg[1]), present(gg[2]), s[0], s[1], s[2], s[3],
                                         weight, present(s[5]), f.training, f.relu);
-    return {wanted[0] ? ggrad : Tensor(), wanted[1] ? gx : Tensor(), Tensor(), Tensor(),
-            wanted_as(wanted[4], gw, weight), Tensor(), Tensor(), Tensor()};
+    Tensor g_mean, g_invstd;
+    if (!f.training && (wanted[2] || wanted[3])) {
+      // Statistics that require grad in the per-channel formula (gx, gw, gb) = (γ r g~, Σ g~ (x - μ) r, Σ g~):
+      // the frozen link of a switchable graph. d/dr = γ Σ u g~ + p Σ g~ (x - μ), d/dμ = -p r Σ g~, with
+      // Σ u g~ = gw / r (bn_dbwd's eval gw = r Σ u g~).
+      const Tensor& r = s[3];
+      if (gg[0].defined()) g_invstd = weight.has_value() ? gw / r * weight->to(r.scalar_type()) : gw / r;
+      if (gg[1].defined()) {
+        const auto [unused, sgx, sg] = bn_bwd_call(s[0], s[1], s[2], r, weight, present(s[5]), false, f.relu);
+        const Tensor p = gg[1].to(r.scalar_type());
+        g_invstd = g_invstd.defined() ? g_invstd + p * sgx / r : p * sgx / r;
+        g_mean = -(p * r * sg);
+      }
+    }
+    return {wanted[0] ? ggrad : Tensor(), wanted[1] ? gx : Tensor(), wanted[2] ? g_mean : Tensor(),
+            wanted[3] ? g_invstd : Tensor(), wanted_as(wanted[4], gw, weight), Tensor(), Tensor(), Tensor()};
   }
 };
 
 // bn_fwd(x, weight?, bias?, running_mean?, running_var?, training, momentum, eps, relu) -> (y, mean, invstd).
+//
+// With a frozen switch (`frozen_switch`, training only: a switchable graph, chain.h) the statistics are
+// differentiable outputs, and a backward call made while the switch is on uses the per-channel formula
+// gx = γ r g~ with the batch statistics as this sample's constants (the frozen link, whose own backward
+// returns the statistics' gradients, which reach x here through dmean/dx and dinvstd/dx).
 struct BnForward : torch::autograd::Function<BnForward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                const OptTensor& running_mean, const OptTensor& running_var, bool training,
-                               double momentum, double eps, bool relu) {
+                               double momentum, double eps, bool relu, const Tensor* frozen_switch) {
     at::AutoDispatchBelowADInplaceOrView below;
     static const auto op = op_handle<BnTriple(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                               const OptTensor&, bool, double, double, bool)>("fastjac::bn_fwd");
@@ -161,34 +211,54 @@ struct BnForward : torch::autograd::Function<BnForward> {
     // bias is read by the backward links only for the fused ReLU's mask.
     ctx->save_for_backward({x, or_undefined(weight), relu ? or_undefined(bias) : Tensor(), mean, invstd});
     save_flags(ctx, training, relu, present_bits({true, weight.has_value(), bias.has_value()}));
-    ctx->mark_non_differentiable({mean, invstd});
+    if (frozen_switch != nullptr && training) {
+      ctx->saved_data["switch"] = *frozen_switch;  // not a saved variable: flipping it is no in-place error
+    } else {
+      ctx->mark_non_differentiable({mean, invstd});
+    }
     return {y, mean, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(9);
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) return variable_list(10);
     const auto s = ctx->get_saved_variables();
     const Flags f = flags(ctx);
     const auto wanted = wanted_inputs(ctx, f.present, 3);
     const OptTensor weight = present(s[1]);
-    auto [gx, gw, gb] = bn_bwd_call(grads[0], s[0], s[3], s[4], weight, present(s[2]), f.training, f.relu);
-    return {wanted[0] ? gx : Tensor(), wanted_as(wanted[1], gw, weight), wanted_as(wanted[2], gb, weight),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    Tensor gx, gw, gb;
+    if (grads[0].defined()) {
+      const bool training_formula = f.training && !switch_on(ctx);
+      std::tie(gx, gw, gb) = bn_bwd_call(grads[0], s[0], s[3], s[4], weight, present(s[2]), training_formula, f.relu);
+    }
+    if (wanted[0] && (grads[1].defined() || grads[2].defined())) {
+      const Tensor stats_path = through_statistics(grads[1], grads[2], s[0], s[3], s[4]);
+      gx = gx.defined() ? gx + stats_path : stats_path;
+    }
+    return {wanted[0] ? gx : Tensor(), gw.defined() ? wanted_as(wanted[1], gw, weight) : Tensor(),
+            gb.defined() ? wanted_as(wanted[2], gb, weight) : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor(), Tensor(), Tensor()};
   }
 };
+
+BnTriple bn_fwd_switchable(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                           const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+                           double eps, bool relu, const Tensor* frozen_switch) {
+  check_arguments(x, weight, bias, running_mean, running_var, training, eps, relu);
+  auto out =
+      BnForward::apply(x, weight, bias, running_mean, running_var, training, momentum, eps, relu, frozen_switch);
+  if (training && running_mean.has_value()) {  // updated in place by the kernel, once
+    torch::autograd::increment_version(*running_mean);
+    torch::autograd::increment_version(*running_var);
+  }
+  return {out[0], out[1], out[2]};
+}
 
 namespace {
 
 BnTriple bn_fwd_autograd(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                          const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
                          double eps, bool relu) {
-  check_arguments(x, weight, bias, running_mean, running_var, training, eps, relu);
-  auto out = BnForward::apply(x, weight, bias, running_mean, running_var, training, momentum, eps, relu);
-  if (training && running_mean.has_value()) {  // updated in place by the kernel, once
-    torch::autograd::increment_version(*running_mean);
-    torch::autograd::increment_version(*running_var);
-  }
-  return {out[0], out[1], out[2]};
+  return bn_fwd_switchable(x, weight, bias, running_mean, running_var, training, momentum, eps, relu, nullptr);
 }
 
 BnTriple bn_bwd_autograd(const Tensor& grad, const Tensor& x, const Tensor& mean, const Tensor& invstd,

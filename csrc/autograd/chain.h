@@ -10,6 +10,14 @@
 // as CompositeImplicitAutograd ops that differentiate the reference formulas (fastjac/ops/), so third and
 // higher derivatives stay exact; they are reached only at the third order.
 //
+// A switchable graph (BatchNorm only): a forward built with a frozen switch, a 0-dim CPU bool tensor captured by
+// the graph's BatchNorm nodes, lets one training-mode forward serve two backward semantics: calls made while
+// the switch is on take every batch-statistics BatchNorm's input gradient with the per-channel formula
+// gx = γ r g~ (each row that sample's own Jacobian, the statistics constant in the input), calls made while it
+// is off the training-mode backward; the statistics stay differentiable outputs, so a loss on the frozen
+// input gradient is still differentiated through them w.r.t. the parameters (fastjac/ops/frozen_backward.py).
+// The switch belongs to the graph, not to a thread: the engine's worker threads read the same tensor.
+//
 // C++ autograd functions support neither forward-mode AD nor torch.func transforms (PyTorch raises for
 // them); fastjac/ops/_paths.py routes those calls, and every call of the Python-kernel backends, to the
 // Python chain instead.
@@ -73,5 +81,11 @@ inline variable_list scatter_wanted(const std::vector<bool>& wanted, const std::
   }
   return out;
 }
+
+// bn_fwd's autograd entry with an optional frozen switch (csrc/autograd/batch_norm.cpp).
+std::tuple<Tensor, Tensor, Tensor> bn_fwd_switchable(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                                     const OptTensor& running_mean, const OptTensor& running_var,
+                                                     bool training, double momentum, double eps, bool relu,
+                                                     const Tensor* frozen_switch);
 
 }  // namespace fastjac::autograd

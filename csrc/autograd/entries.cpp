@@ -20,7 +20,15 @@ Tensor softplus(const Tensor& x, double beta, double threshold) {
 }
 
 Tensor batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
-                  const OptTensor& running_var, bool training, double momentum, double eps, bool relu) {
+                  const OptTensor& running_var, bool training, double momentum, double eps, bool relu,
+                  const OptTensor& frozen_switch) {
+  if (frozen_switch.has_value()) {  // a switchable graph (chain.h): the autograd function directly
+    TORCH_CHECK_VALUE(frozen_switch->dim() == 0 && frozen_switch->scalar_type() == at::kBool &&
+                          frozen_switch->device().is_cpu(),
+                      "fastjac._C.batch_norm: frozen_switch must be a 0-dim CPU bool tensor");
+    return std::get<0>(bn_fwd_switchable(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
+                                         &*frozen_switch));
+  }
   static const auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(
       const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double, double,
       bool)>("fastjac::bn_fwd");
@@ -38,7 +46,8 @@ void bind_entries(pybind11::module& m) {
         py::arg("threshold"), release);
   m.def("batch_norm", &batch_norm, "fastjac::bn_fwd's output y (C++ chain); updates the running statistics once",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
-        py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("relu"), release);
+        py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("relu"),
+        py::arg("frozen_switch") = py::none(), release);
 }
 
 }  // namespace fastjac::autograd

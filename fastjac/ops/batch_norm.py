@@ -23,6 +23,7 @@ from .. import _backend, reference
 from .._autograd import differentiable, direct, reference_links, save_inputs, saved_inputs
 from ._checks import check_channel_vector, check_float_tensor
 from ._paths import cpp_entry, use_cpp_chain
+from .frozen_backward import recording_switch
 from ._third_order import register_reference_vjp
 
 
@@ -221,8 +222,16 @@ def _validate(op, x, running_mean, running_var, weight, bias, training, momentum
 
 
 def _run(op, relu, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    switch = recording_switch()
     if use_cpp_chain(x) and type(momentum) is float:  # the C++ chain checks the other arguments itself
-        return _cpp_batch_norm(x, weight, bias, running_mean, running_var, bool(training), momentum, float(eps), relu)
+        return _cpp_batch_norm(x, weight, bias, running_mean, running_var, bool(training), momentum, float(eps), relu,
+                               None if switch is None or not training else switch.flag)
+    if switch is not None and training:
+        raise RuntimeError(
+            f"fastjac.ops.{op}: inside FrozenBackward.recording() a training-mode fused BatchNorm needs the C++ "
+            f"chain (the cpu or cuda backend in plain eager mode, fastjac.ops._paths); this call takes the Python "
+            f"chain (backend {_backend.backend_name(x.device)!r}, or a transform, mode or tensor subclass)"
+        )
     _validate(op, x, running_mean, running_var, weight, bias, training, momentum, eps)
     out = _batch_norm(
         x.contiguous(), weight, bias, running_mean, running_var, bool(training), float(momentum), float(eps), relu
