@@ -6,9 +6,11 @@ backward the fused ops accelerate). With BatchNorm in training mode they are tak
 (``batch_norm: frozen``), on a pass with the clean batch's statistics held constant in the input, so each row
 is that sample's own Jacobian, while the loss is still differentiated through the statistics' dependence on
 the parameters (:meth:`StepContext.differentiable_pass`, :data:`terms.BATCH_NORM_MODES`; why, measured:
-``benchmarks/RESULTS.md``, "BatchNorm semantics of the Jacobian terms"); ``batch_norm: live`` differentiates
-the clean pass, whose rows also carry the cross-sample terms through the batch statistics (plain double
-backprop); ``frozen_constant`` is the stop-gradient variant that fails on digits E2. Every extra pass
+``benchmarks/RESULTS.md``, "BatchNorm semantics of the Jacobian terms"). For a piecewise-linear student with
+fused BatchNorms those rows come from the clean pass itself (:class:`fastjac.ops.FrozenBackward`), otherwise
+from an extra pass. ``batch_norm: live`` differentiates the clean pass, whose rows also carry the
+cross-sample terms through the batch statistics (plain double backprop); ``frozen_constant`` is the
+stop-gradient variant that fails on digits E2. Every extra pass
 (frozen, perturbed, feature-only, full-Jacobian) uses the clean batch's statistics and updates no running
 statistics (:mod:`fastjac.batch_norm_stats`), so they are updated once per step. The full-Jacobian and
 attention-Jacobian passes use the statistics as constants (their E3-E5 behaviour is unchanged).
@@ -137,8 +139,9 @@ def gradient_norm(ctx: StepContext, batch_norm: str = "frozen") -> torch.Tensor:
 
 
 register("jacobian_matching", Term(jacobian_matching, needs_teacher=True, needs_input_grad=True,
-                                   options=("normalize", "classes", "batch_norm")))
-register("jacobian_norm", Term(jacobian_norm, needs_input_grad=True, options=("form", "batch_norm")))
+                                   options=("normalize", "classes", "batch_norm"), first_derivative_only=True))
+register("jacobian_norm", Term(jacobian_norm, needs_input_grad=True, options=("form", "batch_norm"),
+                               first_derivative_only=True))
 register("attention_matching", Term(attention_matching, needs_teacher=True,
                                     options=("student_layer", "teacher_layer", "squared")))
 register("attention_jacobian", Term(attention_jacobian, needs_teacher=True, extra_passes=True,
@@ -150,4 +153,5 @@ register("score_matching", Term(score_matching, needs_input_grad=True, extra_pas
                                 options=("mu", "sigma", "method", "samples", "batch_norm", "control_variate")))
 register("anti_score_matching", Term(anti_score_matching, needs_input_grad=True, extra_passes=True,
                                      options=("tau", "sigma", "method", "samples", "batch_norm", "control_variate")))
-register("gradient_norm", Term(gradient_norm, needs_input_grad=True, options=("batch_norm",)))
+register("gradient_norm", Term(gradient_norm, needs_input_grad=True, options=("batch_norm",),
+                               first_derivative_only=True))

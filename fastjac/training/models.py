@@ -62,6 +62,8 @@ class VGG(nn.Module):
     ``classifier`` = one linear layer. Feature names are ``features.<i>`` (e.g. the second max-pool of VGG-9
     is ``features.7``)."""
 
+    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.ops.frozen_backward)
+
     def __init__(self, config: list, num_classes: int, in_channels: int = 3, activation: str = "relu",
                  beta: float = 10.0, dropout: float = 0.0):
         super().__init__()
@@ -107,6 +109,8 @@ class TwoHeadVGG(VGG):
 
 
 class _Head(nn.Module):
+    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.ops.frozen_backward)
+
     def __init__(self, model: TwoHeadVGG, name: str):
         super().__init__()
         self.model, self.name = model, name
@@ -118,6 +122,8 @@ class _Head(nn.Module):
 
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3×3 convs with BatchNorm, identity or 1×1 projection shortcut)."""
+
+    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.ops.frozen_backward)
 
     def __init__(self, cin: int, cout: int, stride: int, activation: Callable[[], nn.Module]):
         super().__init__()
@@ -141,6 +147,8 @@ class CifarResNet(nn.Module):
     (64, 128, 256, 512 channels), global average pool, linear layer; ReLU or Softplus(β) activations."""
 
     BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.ops.frozen_backward)
 
     def __init__(self, depth: int, num_classes: int, in_channels: int = 3, activation: str = "relu",
                  beta: float = 10.0):

@@ -17,14 +17,18 @@ from torch import nn
 
 from ..batch_norm_stats import record_batch_norm_stats
 from ..losses import capture_features, get_layer
+from ..ops.frozen_backward import FrozenBackward, why_not_one_pass
 
 
 BATCH_NORM_MODES = ("frozen", "frozen_constant", "live")
 """How the input-gradient terms treat BatchNorm layers that normalise with batch statistics (training mode):
 
 - ``frozen`` (default): each row is the sample's own input-Jacobian (the batch statistics constant in the
-  input: an extra pass with the clean batch's statistics), and the loss is differentiated through the
-  statistics' dependence on the parameters, as training-mode BatchNorm is (its scale invariance holds).
+  input), and the loss is differentiated through the statistics' dependence on the parameters, as
+  training-mode BatchNorm is (its scale invariance holds). Computed from the clean pass itself
+  (:class:`fastjac.ops.FrozenBackward`) when the student is piecewise linear with fused BatchNorms on the C++
+  chain and every term using it takes only a first derivative; otherwise with an extra pass with the clean
+  batch's statistics. Both give the same rows, loss and gradients (tests/test_frozen_backward.py).
 - ``frozen_constant``: the same rows, but the statistics are constants for the parameter gradient too (a
   stop-gradient). Kept for the study in ``benchmarks/RESULTS.md``: the penalty's gradient then pushes the
   weights before each BatchNorm towards zero, which the next batch's normalisation undoes; on digits E2 the
@@ -44,6 +48,7 @@ class Term:
     needs_input_grad: bool = False
     options: tuple[str, ...] = ()
     extra_passes: bool = False
+    first_derivative_only: bool = False  # uses the input gradient only in the loss (not differentiated in x)
 
 
 class StepContext:
@@ -56,11 +61,14 @@ class StepContext:
     """
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, *,
-                 needs_input_grad: bool = False, student_layers=(), teacher_layers=(), record_stats: bool = False):
+                 needs_input_grad: bool = False, student_layers=(), teacher_layers=(), record_stats: bool = False,
+                 one_pass_frozen: bool = False):
         self.model, self.teacher, self.y = model, teacher, y
         self.x = x.requires_grad_(True) if needs_input_grad else x
         self.student_layers, self.teacher_layers = tuple(student_layers), tuple(teacher_layers)
         self.record_stats = record_stats
+        # `frozen` input gradients from the clean pass (FrozenBackward) instead of an extra pass
+        self.switch = FrozenBackward() if one_pass_frozen else None
         self._logits = self._aux = self._teacher = self.bn_stats = None
         self.features: dict[str, torch.Tensor] = {}
         self.teacher_features: dict[str, torch.Tensor] = {}
@@ -86,6 +94,8 @@ class StepContext:
                 self.features = stack.enter_context(capture_features(self.module, self.student_layers))
             if self.record_stats:  # in the graph: `frozen` passes differentiate through them w.r.t. parameters
                 self.bn_stats = stack.enter_context(record_batch_norm_stats(self.module, differentiable=True))
+            if self.switch is not None:
+                stack.enter_context(self.switch.recording())
             if hasattr(self.module, "both"):
                 self._logits, self._aux = self.model(self.x, both=True)
             else:
@@ -149,7 +159,7 @@ class StepContext:
         if batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"batch_norm must be one of {', '.join(BATCH_NORM_MODES)}; got {batch_norm!r}")
         self.logits  # noqa: B018 - the clean pass (records the statistics)
-        if batch_norm == "live" or not self.bn_stats:
+        if batch_norm == "live" or (batch_norm == "frozen" and self.switch is not None) or not self.bn_stats:
             return self.x, self._logits, self.matched_logits
         if batch_norm not in self._grads:
             xf = self.x.detach().requires_grad_(True)
@@ -172,7 +182,9 @@ class StepContext:
             if output == "log_softmax":
                 out = F.log_softmax(out, dim=1)
             c = self.classes(which)
-            (self._grads[key],) = torch.autograd.grad(out.gather(1, c[:, None]).sum(), x, create_graph=True)
+            one_pass = batch_norm == "frozen" and self.switch is not None
+            with self.switch.frozen() if one_pass else contextlib.nullcontext():
+                (self._grads[key],) = torch.autograd.grad(out.gather(1, c[:, None]).sum(), x, create_graph=True)
         return self._grads[key]
 
 
@@ -243,7 +255,12 @@ def context(model, teacher, x, y, terms: list[tuple[str, float, dict]]) -> StepC
             student_layers.add(options["student_layer"])
         if "teacher_layer" in options:
             teacher_layers.add(options["teacher_layer"])
+    frozen_users = [t for t, o in active if t.needs_input_grad and o.get("batch_norm", "frozen") == "frozen"]
+    module = getattr(model, "module", model)
+    one_pass = bool(frozen_users) and all(t.first_derivative_only for t in frozen_users) \
+        and why_not_one_pass(module, x) is None
+    record = any(t.extra_passes for t, _ in active) or (bool(frozen_users) and not one_pass) or any(
+        t.needs_input_grad and o.get("batch_norm", "frozen") == "frozen_constant" for t, o in active)
     return StepContext(model, teacher, x, y, needs_input_grad=any(t.needs_input_grad for t, _ in active),
                        student_layers=sorted(student_layers), teacher_layers=sorted(teacher_layers),
-                       record_stats=any(t.extra_passes or (t.needs_input_grad and o.get("batch_norm", "frozen") != "live")
-                                        for t, o in active))
+                       record_stats=record, one_pass_frozen=one_pass)
