@@ -387,3 +387,20 @@ def test_constant_model_gives_zero_jacobian():
     for estimator in ("exact", "jvp", "finite_difference"):
         _, jac = fastjac.input_jacobian(net, x, y, estimator=estimator)
         assert torch.count_nonzero(jac) == 0
+
+
+@pytest.mark.skipif(not fastjac.backends()["cpu"], reason="fastjac._C is not built")
+@pytest.mark.parametrize("mode", ["target", "all"])
+def test_frozen_exact_rows_come_from_the_clean_pass_when_the_model_allows(mode):
+    """A piecewise-linear converted model in training mode: one forward (FrozenBackward), the extra pass's rows."""
+    net = make("relu", True, True)
+    assert fastjac.ops.frozen_backward.why_not_one_pass(net, inputs()[0]) is None
+    x, y = inputs()
+    calls = []
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    target = y if mode == "target" else None
+    _, rows = fastjac.input_jacobian(net, x, target, mode=mode, create_graph=False)
+    hook.remove()
+    assert len(calls) == 1
+    expected = reference_rows(net, x, training=True)
+    torch.testing.assert_close(rows, pick(expected, y) if mode == "target" else expected)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The one prepared GPU job (a lent H100/H200 through the `device` tool: its own torch and triton, nothing
+# installable, ~8 minutes of a 15-minute budget). From the repository root:
+#
+#     bash benchmarks/gpu_check.sh            # everything it writes goes to $OUT (default ./gpu_out)
+#
+# 1. build fastjac._C for sm_90 with the CUDA kernels (the toolkit found as setup.py finds it: no CUDA_HOME);
+# 2. the GPU tests: CUDA kernels against the reference, the C++ chain and the one-pass frozen backward on CUDA
+#    tensors, kernel launch counts, opcheck;
+# 3. the GPU reports: gpu_report (op fwd+bwd+dbwd and the VGG-9-BN step, float32 and bfloat16, vs PyTorch),
+#    gpu_profile (wall / host-issue / kernel time and launch counts), the per-call cost on CUDA, and the trainer's
+#    own step on the GPU when benchmarks.trainer_step takes --device.
+# Every step has its own time limit, its output in $OUT/<step>.txt and its duration and exit status in
+# $OUT/gpu_check.log; a failed step does not stop the later ones. Record device, command and numbers in
+# benchmarks/RESULTS.md; never write a GPU figure that is not in these files.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+NJOBS=$(nproc)
+
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/gpu_check.log"; }
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  log "start $name (limit ${limit} s): $*"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  log "end $name: exit $? after $((SECONDS - start)) s"
+}
+
+log "gpu_check on $(hostname), $(nproc) cores"
+step machine 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
+
+export FASTJAC_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$NJOBS
+step build 240 $PY setup.py build_ext --inplace
+step backends 60 $PY -c "import fastjac, json; print(fastjac.backends()); print(json.dumps(fastjac._backend.build_info()))"
+
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n $((NJOBS > 14 ? 14 : NJOBS))"
+step tests 180 $PY -m pytest -q $XDIST tests/test_cuda_backend.py tests/test_cuda_launches.py tests/test_cpp_chain.py \
+  tests/test_frozen_backward.py tests/test_training_one_pass.py tests/test_kernels.py tests/test_kernel_opcheck.py \
+  tests/test_ops_parity.py tests/test_nn_convert.py
+
+step gpu_report 150 $PY -m benchmarks.gpu_report --out "$OUT/gpu_report.md"
+step gpu_profile 120 $PY -m benchmarks.gpu_profile
+step call_overhead_cuda 60 $PY -c "from benchmarks import call_overhead as c; print(c.markdown(c.measure(5, 'cuda')))"
+if $PY -m benchmarks.trainer_step --help 2>/dev/null | grep -q -- "--device"; then
+  step trainer_step 150 $PY -m benchmarks.trainer_step --device cuda --models vgg9 --repeats 5
+fi
+log "done"
