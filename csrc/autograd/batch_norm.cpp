@@ -20,8 +20,7 @@ using BnTriple = std::tuple<Tensor, Tensor, Tensor>;
 
 const char* user_op(bool relu) { return relu ? "fastjac.ops.batch_norm_relu" : "fastjac.ops.batch_norm"; }
 
-// The user-facing argument checks of fastjac.ops.batch_norm (the same messages as the Python chain's, which
-// serves the Python-kernel backends), done here so that a call crosses into C++ once.
+// check_channel_vector: one of bn_check_user_arguments' checks (below).
 void check_channel_vector(const OptTensor& t, const char* name, const Tensor& x, bool relu) {
   if (!t.has_value()) return;
   TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), user_op(relu), ": ", name,
@@ -33,27 +32,6 @@ void check_channel_vector(const OptTensor& t, const char* name, const Tensor& x,
                     x.device());
 }
 
-void check_arguments(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
-                     const OptTensor& running_var, bool training, double eps, bool relu) {
-  const char* op = user_op(relu);
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must have a floating-point dtype, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be positive, got ", eps);
-  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be N x C x (spatial...) with at least 2 dims, got shape ",
-                    x.sizes());
-  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
-                    ": running_mean and running_var must both be given or both be None");
-  TORCH_CHECK_VALUE(training || running_mean.has_value(), op,
-                    ": running_mean and running_var are required when training=False");
-  // Traced with symbolic shapes (torch.compile, opcheck): the fake kernels propagate shapes, the real call checks.
-  if (x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return;
-  check_channel_vector(running_mean, "running_mean", x, relu);
-  check_channel_vector(running_var, "running_var", x, relu);
-  check_channel_vector(weight, "weight", x, relu);
-  check_channel_vector(bias, "bias", x, relu);
-  TORCH_CHECK_VALUE(!training || x.numel() / std::max<int64_t>(x.size(1), 1) > 1, op,
-                    ": expected more than 1 value per channel when training, got x of shape ", x.sizes());
-}
 
 BnTriple bn_bwd_call(const Tensor& grad, const Tensor& x, const Tensor& mean, const Tensor& invstd,
                      const OptTensor& weight, const OptTensor& bias, bool training, bool relu) {
@@ -240,10 +218,33 @@ struct BnForward : torch::autograd::Function<BnForward> {
   }
 };
 
+// The user-facing argument checks of fastjac.ops.batch_norm (the same messages as the Python chain's, which
+// serves the Python-kernel backends), made by the C++ chain's entry so that a call crosses into C++ once; the
+// kernel ops keep their own checks (RuntimeErrors naming the kernel argument).
+void bn_check_user_arguments(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                             const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
+                             bool relu) {
+  const char* op = user_op(relu);
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must have a floating-point dtype, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be positive, got ", eps);
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be N x C x (spatial...) with at least 2 dims, got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
+                    ": running_mean and running_var must both be given or both be None");
+  TORCH_CHECK_VALUE(training || running_mean.has_value(), op,
+                    ": running_mean and running_var are required when training=False");
+  check_channel_vector(running_mean, "running_mean", x, relu);
+  check_channel_vector(running_var, "running_var", x, relu);
+  check_channel_vector(weight, "weight", x, relu);
+  check_channel_vector(bias, "bias", x, relu);
+  TORCH_CHECK_VALUE(!training || x.numel() / std::max<int64_t>(x.size(1), 1) > 1, op,
+                    ": expected more than 1 value per channel when training, got x of shape ", x.sizes());
+}
+
 BnTriple bn_fwd_switchable(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                            const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
                            double eps, bool relu, const Tensor* frozen_switch) {
-  check_arguments(x, weight, bias, running_mean, running_var, training, eps, relu);
   auto out =
       BnForward::apply(x, weight, bias, running_mean, running_var, training, momentum, eps, relu, frozen_switch);
   if (training && running_mean.has_value()) {  // updated in place by the kernel, once

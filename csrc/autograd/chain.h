@@ -82,6 +82,11 @@ inline variable_list scatter_wanted(const std::vector<bool>& wanted, const std::
   return out;
 }
 
+// fastjac.ops.batch_norm(_relu)'s argument checks, with its messages (ValueError / TypeError naming the argument).
+void bn_check_user_arguments(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                             const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
+                             bool relu);
+
 // bn_fwd's autograd entry with an optional frozen switch (csrc/autograd/batch_norm.cpp).
 std::tuple<Tensor, Tensor, Tensor> bn_fwd_switchable(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                                      const OptTensor& running_mean, const OptTensor& running_var,

@@ -22,6 +22,7 @@ Tensor softplus(const Tensor& x, double beta, double threshold) {
 Tensor batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                   const OptTensor& running_var, bool training, double momentum, double eps, bool relu,
                   const OptTensor& frozen_switch) {
+  bn_check_user_arguments(x, weight, bias, running_mean, running_var, training, eps, relu);
   if (frozen_switch.has_value()) {  // a switchable graph (chain.h): the autograd function directly
     TORCH_CHECK_VALUE(frozen_switch->dim() == 0 && frozen_switch->scalar_type() == at::kBool &&
                           frozen_switch->device().is_cpu(),
