@@ -13,17 +13,7 @@ import glob
 import os
 import sys
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-
-def resolve_config(name: str) -> str:
-    """A config path, or the name of a bundled config (with or without ``.yaml``)."""
-    if os.path.isfile(name):
-        return name
-    bundled = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
-    if os.path.isfile(bundled):
-        return bundled
-    raise FileNotFoundError(f"config {name!r} is neither a file nor a bundled config; see `fastjac list`")
+from .training.config import CONFIG_DIR, resolve_config  # noqa: F401 - part of the CLI's interface
 
 
 def _list(_args) -> int:
@@ -55,7 +45,7 @@ def _init_distributed(device: str) -> str:
 
 def _run(args) -> int:
     from .training import config as config_io
-    from .training.runner import run_experiment
+    from .experiments.runner import run_experiment
 
     path = resolve_config(args.config)
     cfg = config_io.load(path, args.set)
@@ -98,7 +88,7 @@ def _plot(args) -> int:
 
 
 def _demo(args) -> int:
-    from .training.demo import main
+    from .experiments.demo import main
 
     return main(out=args.out, quick=args.quick)
 

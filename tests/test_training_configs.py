@@ -11,7 +11,7 @@ from fastjac.cli import CONFIG_DIR
 from fastjac.training import config, synthetic, terms
 from fastjac.training.models import build_model
 from fastjac.training.report import table
-from fastjac.training.runner import run_experiment
+from fastjac.experiments.runner import run_experiment
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

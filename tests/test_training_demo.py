@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from fastjac.training.demo import claim_lines
+from fastjac.experiments.demo import claim_lines
 
 
 def test_demo_quick(tmp_path):

@@ -20,6 +20,20 @@ from typing import Any, Optional, Union
 import yaml
 
 
+#: The bundled experiment configs (``fastjac list``).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config(name: str) -> str:
+    """A config path, or the name of a bundled config (with or without ``.yaml``)."""
+    if os.path.isfile(name):
+        return name
+    bundled = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
+    if os.path.isfile(bundled):
+        return bundled
+    raise FileNotFoundError(f"config {name!r} is neither a file nor a bundled config; see `fastjac list`")
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
@@ -187,12 +201,23 @@ def validate(cfg: RunConfig) -> RunConfig:
             continue
         if not isinstance(weight, dict) or "weight" not in weight:
             raise ConfigError(f"loss.{name}: expected a weight or a mapping with 'weight' and options, got {weight!r}")
-    if cfg.evaluations:
-        from ..evaluation.registry import parse_options  # late: the registry imports this module
-
-        for name, spec in cfg.evaluations.items():
-            parse_options(name, spec)
+    for name, spec in cfg.evaluations.items():
+        parse_evaluation_options(name, spec)
     return cfg
+
+
+#: Evaluation name -> its options dataclass: filled by :func:`fastjac.evaluation.registry.register` (the
+#: evaluations register when :mod:`fastjac.evaluation` is imported), read here to validate ``evaluations``.
+EVALUATION_OPTIONS: dict[str, type] = {}
+
+
+def parse_evaluation_options(name: str, spec: Any):
+    """The options dataclass of evaluation ``name`` from its config mapping (``None``: all defaults); errors
+    name ``evaluations.<name>[.<option>]``."""
+    if name not in EVALUATION_OPTIONS:
+        hint = "" if EVALUATION_OPTIONS else " (none is registered: import fastjac.evaluation first)"
+        raise ConfigError(f"evaluations.{name}: unknown evaluation; expected one of {sorted(EVALUATION_OPTIONS)}{hint}")
+    return from_dict(EVALUATION_OPTIONS[name], spec or {}, f"evaluations.{name}")
 
 
 def get(cfg: Any, dotted: str) -> Any:

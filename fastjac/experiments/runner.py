@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from . import checkpoint as ckpt_io
-from . import config as config_io
-from .config import RunConfig
-from .trainer import Trainer
 from ..evaluation.registry import Cell, EvalContext, run_evaluations
+from ..training import checkpoint as ckpt_io
+from ..training import config as config_io
+from ..training.config import RunConfig
+from ..training.trainer import Trainer
 
 
 def cell_dir(out: str, cell: dict) -> str:

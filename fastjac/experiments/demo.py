@@ -14,7 +14,7 @@ scikit-learn's digits, a figure, and the time the fused ops save against plain P
 
 ``--quick`` runs the same code path at a reduced size into ``runs/demo-quick`` (never into the full run's
 folder; and a finished cell is only reused for the config it was trained with, see
-:func:`fastjac.training.runner.finished_result`).
+:func:`fastjac.experiments.runner.finished_result`).
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ import statistics
 import tempfile
 import time
 
-from ..cli import resolve_config
-from . import config as config_io
-from .report import method_stats, plot_per_class, table
+from ..training import config as config_io
+from ..training.config import resolve_config
+from ..training.report import method_stats, plot_per_class, table
+from ..training.trainer import Trainer
 from .runner import cell_dir, run_experiment, with_teacher
-from .trainer import Trainer
 
 QUICK = ["epochs=3", "sweep.per_class=[1]", "sweep.seeds=[0, 1]", "teacher.train.epochs=1"]
 JACOBIAN, BASELINES = "CE + A + J", ("CE", "CE + A")
