@@ -27,7 +27,8 @@ from ..training import config as config_io
 from ..training.config import resolve_config
 from ..training.report import method_stats, plot_per_class, table
 from ..training.trainer import Trainer
-from .runner import cell_dir, run_experiment, with_teacher
+from .plan import with_teacher
+from .runner import run_experiment
 
 QUICK = ["epochs=3", "sweep.per_class=[1]", "sweep.seeds=[0, 1]", "teacher.train.epochs=1"]
 JACOBIAN, BASELINES = "CE + A + J", ("CE", "CE + A")

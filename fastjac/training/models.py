@@ -238,3 +238,27 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     if weights:
         load_weights(model, weights, f"model {arch}")
     return convert(model) if spec.get("fused", True) else model
+
+
+def check_input_fits(spec: Mapping[str, Any], shape: tuple[int, int, int]) -> None:
+    """A ValueError naming ``data.channels`` or ``data.image_size`` when the model of ``spec`` cannot take
+    ``(N, *shape)`` images (built on the meta device without its weights: nothing is read or computed)."""
+    spec = {k: v for k, v in spec.items() if k not in ("weights", "fused")}
+    key = (repr(sorted(spec.items())), tuple(shape))
+    if key in _FITS:
+        return
+    channels, height, width = shape
+    expected = 3 if str(spec.get("arch", "")).startswith("tv_") else spec.get("in_channels", 3)
+    if expected != channels:
+        raise ValueError(f"takes {expected}-channel images (in_channels), but data.channels is {channels}")
+    with torch.device("meta"):
+        model = build_model(dict(spec, fused=False))
+        try:
+            model.eval()(torch.empty(2, channels, height, width))
+        except RuntimeError as exc:
+            raise ValueError(f"{spec.get('arch')} cannot take {height}x{width} images (data.image_size {height}; "
+                             f"too small for its pooling?): {exc}") from None
+    _FITS.add(key)
+
+
+_FITS: set = set()  # (spec, shape) pairs already checked
