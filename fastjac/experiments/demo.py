@@ -24,6 +24,7 @@ import tempfile
 import time
 
 from ..training import config as config_io
+from ..training.checkpoint import CheckpointError
 from ..training.config import resolve_config
 from ..training.report import method_stats, plot_per_class, table
 from ..training.trainer import Trainer
@@ -83,7 +84,12 @@ def main(out: str | None = None, quick: bool = False) -> int:
     t0 = time.perf_counter()
     out = out or os.path.join("runs", "demo-quick" if quick else "demo")
     cfg = config_io.load(resolve_config("digits_e1"), QUICK if quick else [])
-    run_experiment(cfg, out, progress=True, resume=True)
+    try:
+        run_experiment(cfg, out, progress=True, resume=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. (The demo continues the runs in its --out folder, which holds runs of "
+                              f"{'the full demo' if quick else 'another config, e.g. --quick'}: give this run another "
+                              "--out, or delete that folder)") from exc
     print()
     if quick:
         print("(--quick: a reduced run of the same code path, 3 epochs and a 1-epoch teacher; its numbers "
