@@ -72,6 +72,7 @@ def test_table_lists_only_the_cells_of_the_experiment(tiny, tmp_path, capfd):
     ("loss.jacobian_norm=0.1", "loss.jacobian_norm"),   # every sweep method defines its own loss
     ("data.per_class=3", "data.per_class"),             # ... and here sweep.per_class would replace it
     ("eval.noise_stdz=[0.1]", "eval.noise_stdz"),        # unknown eval key
+    ("optim.momentum=0.5", "optim.momentum"),            # Adam has no momentum setting
     ("data.batch_size=1", "data.batch_size"),            # BatchNorm needs two: 0 steps
     ("data.train_limit=-5", "data.train_limit"),
     ("data.epoch_size=1", "data.batch_size"),            # 1 example per epoch: 0 steps

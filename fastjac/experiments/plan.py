@@ -76,22 +76,39 @@ def plan(cfg: RunConfig, out: str) -> list[Run]:
 
 _LABELS = ("name", "description")  # fields that name runs rather than configure them
 
+#: Fields that act only under some value of another: ``--set`` of one on runs where it does nothing is an error.
+INERT: dict[str, tuple[str, Any]] = {
+    "optim.momentum": ("applies to optim.name sgd only", lambda c: c.optim.name != "sgd"),
+    "optim.nesterov": ("applies to optim.name sgd only", lambda c: c.optim.name != "sgd"),
+    "schedule.milestones": ("applies to schedule.name multistep only", lambda c: c.schedule.name != "multistep"),
+    "schedule.gamma": ("applies to schedule.name multistep only", lambda c: c.schedule.name != "multistep"),
+    "data.crop_padding": ("applies with data.augment true only", lambda c: not c.data.augment),
+    "data.flip": ("applies with data.augment true only", lambda c: not c.data.augment),
+    "data.test_fraction": ("applies to data.dataset digits only", lambda c: c.data.dataset != "digits"),
+    "data.subset_seed": ("applies with data.per_class only", lambda c: c.data.per_class is None),
+}
+
 
 def check_overrides(runs: list[Run], overrides: list[str]) -> None:
     """Every ``--set key=value`` must take effect in at least one run (e.g. ``loss.<term>`` on a config whose
-    sweep methods all define their own ``loss``, or ``data.per_class`` under ``sweep.per_class``, is an error
-    naming the key). ``sweep.*`` and ``evaluations.*`` keys are checked by validation instead."""
+    sweep methods all define their own ``loss``, ``data.per_class`` under ``sweep.per_class``, or
+    ``optim.momentum`` with Adam, is an error naming the key). ``sweep.*`` and ``evaluations.*`` keys are
+    checked by validation instead."""
     for key, value in config_io.parse_overrides(overrides):
         top = key.split(".")[0]
         if top in _LABELS or top in ("sweep", "evaluations"):
             continue
-        found = []
+        found, effective = [], False
+        why, inert = INERT.get(key, ("", lambda c: False))
         for run in runs:
             try:
                 found.append(config_io.get(run.config, key))
             except (AttributeError, KeyError, TypeError):
                 continue
-        if value not in found:
+            effective = effective or (found[-1] == value and not inert(run.config))
+        if value in found and not effective:
+            raise ConfigError(f"{key}: --set {key}={value!r} has no effect in any run of this experiment ({why})")
+        if not effective:
             raise ConfigError(f"{key}: --set {key}={value!r} takes effect in no run of this experiment (every run "
                               f"replaces it: a sweep method's own settings, sweep.per_class / sweep.seeds, or the "
                               f"teacher's training settings; values used: {found}); set it in sweep.methods.<method> "

@@ -287,7 +287,8 @@ def _check_inputs(cfg: RunConfig) -> None:
         try:
             check_input_fits(spec, shape)
         except ValueError as exc:
-            raise ConfigError(f"{field_name}: {exc}") from exc
+            message = str(exc) if str(exc).startswith("model") else f"model: {exc}"  # build_model names its fields
+            raise ConfigError(message.replace("model", field_name, 1)) from exc
 
 
 #: Evaluation name -> its options dataclass: filled by :func:`fastjac.evaluation.registry.register` (the

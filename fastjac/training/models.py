@@ -250,7 +250,8 @@ def check_input_fits(spec: Mapping[str, Any], shape: tuple[int, int, int]) -> No
     channels, height, width = shape
     expected = 3 if str(spec.get("arch", "")).startswith("tv_") else spec.get("in_channels", 3)
     if expected != channels:
-        raise ValueError(f"takes {expected}-channel images (in_channels), but data.channels is {channels}")
+        raise ValueError(f"model.in_channels is {expected} (the model's input channels), but data.channels is "
+                         f"{channels}")
     with torch.device("meta"):
         model = build_model(dict(spec, fused=False))
         try:
