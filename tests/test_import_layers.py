@@ -42,9 +42,18 @@ def _import_nodes(tree: ast.AST):
         yield from _import_nodes(node)
 
 
-def _is_extension(package: str, name: str) -> bool:
-    folder = os.path.join(ROOT, *package.split("."))
-    return bool(glob.glob(os.path.join(folder, name + ".*.so")) + glob.glob(os.path.join(folder, name + ".*.pyd")))
+def _defined_names(module: str) -> set[str]:
+    """The names a module binds at its top level (definitions, assignments, imports)."""
+    names = set()
+    for node in ast.parse(open(MODULES[module]).read()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
 
 
 def imports(module: str) -> set[str]:
@@ -65,8 +74,8 @@ def imports(module: str) -> set[str]:
             sub = f"{target}.{alias.name}"
             if sub in MODULES:
                 out.add(sub)
-            elif not _is_extension(target, alias.name):
-                out.add(target)
+            elif target in MODULES and alias.name in _defined_names(target):
+                out.add(target)  # a name the package defines; otherwise a compiled extension (``_C``), not Python
     return {m for m in out if m in MODULES and m != module}
 
 
