@@ -12,6 +12,7 @@ from fastjac.cli import main
 from fastjac.experiments import plan
 from fastjac.training import config
 from fastjac.training.models import build_model
+from fastjac.training.trainer import RunData, Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -155,3 +156,25 @@ def test_saliency_target_out_of_range_names_target_and_range(method, target):
     model = build_model({"arch": "vgg4", "num_classes": 10, "in_channels": 1, "width": 0.25}).eval()
     with pytest.raises(ValueError, match=r"target.*\[0, 10\)"):
         fastjac.saliency(model, torch.randn(2, 1, 8, 8), target=target, method=method)
+
+
+def test_evaluation_of_other_options_is_not_reused(tiny, tmp_path, capfd):
+    out = str(tmp_path / "A")
+    args = [tiny, "--out", out, "--set", "sweep.methods={CE: {}}", "--set",
+            "evaluations={pixel_perturbation: {methods: [random], fractions: [0.1], images: 10, batch_size: 10}}"]
+    assert _run(capfd, *args)[0] == 0
+    assert _run(capfd, *args, "--resume")[0] == 0  # the same options: the table is reused
+    rc, err = _run(capfd, *args, "--resume", "--set", "evaluations.pixel_perturbation.fractions=[0.2]")
+    assert rc == 2 and "evaluations.pixel_perturbation" in err and "fractions" in err
+
+
+def test_trainer_refuses_an_epoch_without_optimiser_steps(tmp_path):
+    """Data handed to the trainer directly (as ROAR does) bypasses the experiment's checks: one training
+    example cannot make a BatchNorm step, and the trainer says so instead of reporting an untrained model."""
+    cfg = config.from_mapping({"model": {"arch": "vgg4", "num_classes": 10, "in_channels": 1, "width": 0.25},
+                               "data": {"dataset": "digits", "image_size": 8, "channels": 1, "batch_size": 10}})
+    x = torch.rand(3, 1, 8, 8)
+    data = RunData(x[:1], torch.tensor([0]), x, torch.tensor([0, 1, 2]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="0 optimiser steps"):
+        Trainer(cfg, str(tmp_path / "r"), progress=False, data=data).run()
+    assert not (tmp_path / "r" / "result.json").exists()
