@@ -5,6 +5,7 @@
     fastjac table RUN_DIR                          markdown table shaped like the paper's
     fastjac plot RUN_DIR                           PNG curves
     fastjac demo                                   E1 on scikit-learn digits (the main job)
+    fastjac synth DIR                              synthetic data for the smoke configs (--data-root DIR)
 """
 from __future__ import annotations
 
@@ -13,17 +14,7 @@ import glob
 import os
 import sys
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-
-
-def resolve_config(name: str) -> str:
-    """A config path, or the name of a bundled config (with or without ``.yaml``)."""
-    if os.path.isfile(name):
-        return name
-    bundled = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
-    if os.path.isfile(bundled):
-        return bundled
-    raise FileNotFoundError(f"config {name!r} is neither a file nor a bundled config; see `fastjac list`")
+from .training.config import CONFIG_DIR, resolve_config  # noqa: F401 - part of the CLI's interface
 
 
 def _list(_args) -> int:
@@ -53,20 +44,46 @@ def _init_distributed(device: str) -> str:
     return device
 
 
-def _run(args) -> int:
-    from .training import config as config_io
-    from .training.runner import run_experiment
+def check_device(name: str) -> str:
+    """``name`` as a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``), checked before any
+    data is loaded; otherwise a ValueError naming ``--device`` and what there is."""
+    import torch
 
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: {name!r} is not a torch device; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device: {name!r} is not supported; expected cpu, cuda, cuda:N or mps")
+    return name
+
+
+def _run(args) -> int:
+    from .experiments.runner import run_experiment  # first: registers the evaluations the config may list
+    from .training import config as config_io
+
+    check_device(args.device)
     path = resolve_config(args.config)
+    out = args.out or os.path.join("runs", os.path.basename(path)[:-5])
+    if args.resume and not os.path.exists(out):
+        raise FileNotFoundError(f"--resume: {out!r} does not exist, so there is nothing to resume; run without "
+                                "--resume to start it")
     cfg = config_io.load(path, args.set)
     device = _init_distributed(args.device)
-    out = args.out or os.path.join("runs", os.path.basename(path)[:-5])
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     results = run_experiment(cfg, out, data_root=args.data_root, resume=args.resume,
                              progress=not args.no_progress, device=device,
-                             log=print if rank == 0 else (lambda *_: None))
+                             log=print if rank == 0 else (lambda *_: None), overrides=args.set)
     if rank == 0:
         from .training.report import table
 
@@ -98,9 +115,20 @@ def _plot(args) -> int:
 
 
 def _demo(args) -> int:
-    from .training.demo import main
+    from .experiments.demo import main
 
     return main(out=args.out, quick=args.quick)
+
+
+def _synth(args) -> int:
+    from .training.synthetic import write_smoke_data
+
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise FileNotFoundError(f"synth: {args.dir!r} is a file; expected a directory")
+    for path in write_smoke_data(args.dir):
+        print(path)
+    print(f"synthetic data for the smoke configs in {args.dir}: fastjac run smoke_e1 --data-root {args.dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output folder (default runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a reduced run (seconds) of the same code path")
     p.set_defaults(fn=_demo)
+    p = sub.add_parser("synth", help="write synthetic data for the smoke configs (then --data-root DIR)")
+    p.add_argument("dir")
+    p.set_defaults(fn=_synth)
     args = parser.parse_args(argv)
     from .training.checkpoint import CheckpointError
 

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 from .batch_norm_stats import BatchNormStats, record_batch_norm_stats
-from .ops.frozen_backward import FrozenBackward, why_not_one_pass
+from .nn.one_pass import why_not_one_pass
+from .ops.frozen_backward import FrozenBackward
 
 __all__ = ["InputJacobian", "input_jacobian"]
 

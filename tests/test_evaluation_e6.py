@@ -21,7 +21,7 @@ from fastjac.training import data as data_io
 from fastjac.training import synthetic
 from fastjac.training.config import ConfigError
 from fastjac.training.models import build_model
-from fastjac.training.runner import run_experiment
+from fastjac.experiments.runner import run_experiment
 
 from _trained_models import IMAGE_SIZE, accuracy, digits_data, trained_digits_model
 

@@ -394,7 +394,7 @@ def test_constant_model_gives_zero_jacobian():
 def test_frozen_exact_rows_come_from_the_clean_pass_when_the_model_allows(mode):
     """A piecewise-linear converted model in training mode: one forward (FrozenBackward), the extra pass's rows."""
     net = make("relu", True, True)
-    assert fastjac.ops.frozen_backward.why_not_one_pass(net, inputs()[0]) is None
+    assert fastjac.nn.why_not_one_pass(net, inputs()[0]) is None
     x, y = inputs()
     calls = []
     hook = net.register_forward_hook(lambda *a: calls.append(1))

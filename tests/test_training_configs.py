@@ -5,13 +5,12 @@ import os
 import time
 
 import pytest
-import torch
 
 from fastjac.cli import CONFIG_DIR
 from fastjac.training import config, synthetic, terms
 from fastjac.training.models import build_model
 from fastjac.training.report import table
-from fastjac.training.runner import run_experiment
+from fastjac.experiments.runner import run_experiment
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -47,16 +46,9 @@ def test_every_experiment_has_a_smoke_variant():
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    synthetic.write_cifar(str(root), "cifar100", n_train=100, n_test=20, seed=0)
-    synthetic.write_cifar(str(root), "cifar10", n_train=50, n_test=20, seed=1)
-    synthetic.write_mit_indoor(str(root), n_classes=3, train_per_class=4, test_per_class=2, size=(72, 80), seed=2)
-    synthetic.write_imagenet(str(root), n_classes=3, train_per_class=1, val_per_class=2, size=(40, 48), seed=3)
-    import torchvision
-
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet34(weights=None).state_dict(), root / "resnet34-b627a593.pth")
-    return str(root)
+    root = str(tmp_path_factory.mktemp("data"))
+    synthetic.write_smoke_data(root)  # what `fastjac synth DIR` writes
+    return root
 
 
 @pytest.mark.parametrize("name", SMOKE)

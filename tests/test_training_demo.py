@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 
-from fastjac.training.demo import claim_lines
+from fastjac.cli import main
+from fastjac.experiments.demo import claim_lines
 
 
-def test_demo_quick(tmp_path):
+def test_demo_quick(tmp_path, capfd, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "fastjac", "demo", "--quick"], capture_output=True, cwd=tmp_path,
                        text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -24,6 +25,13 @@ def test_demo_quick(tmp_path):
     # the plain-autograd rerun trains the same function: equal accuracy up to float rounding
     line = next(l for l in r.stdout.splitlines() if "largest accuracy difference" in l)
     assert float(line.split(":")[-1].split()[0]) <= 2.0
+
+    # the full demo into the quick run's folder: refused before it trains, naming what differs; nothing rewritten
+    experiment = (out / "experiment.yaml").read_text()
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", str(out)]) == 2
+    assert "'epochs'" in capfd.readouterr().err
+    assert (out / "experiment.yaml").read_text() == experiment
 
 
 def test_claim_lines_say_plainly_whether_the_ordering_holds():

@@ -76,7 +76,7 @@ def test_two_pass_route_where_one_pass_would_differ(spec, loss_cfg, why):
     student = _student(**spec)
     x, y = _batch()
     if why:
-        assert why in fastjac.ops.frozen_backward.why_not_one_pass(student, x)
+        assert why in fastjac.nn.why_not_one_pass(student, x)
     ctx = terms.context(student, None, x.clone(), y, terms.parse(loss_cfg))
     assert ctx.switch is None
 
@@ -84,8 +84,8 @@ def test_two_pass_route_where_one_pass_would_differ(spec, loss_cfg, why):
 def test_one_pass_is_taken_for_a_fused_piecewise_linear_student():
     student = _student()
     x, y = _batch()
-    assert fastjac.ops.frozen_backward.why_not_one_pass(student, x) is None
+    assert fastjac.nn.why_not_one_pass(student, x) is None
     ctx = terms.context(student, None, x.clone(), y, terms.parse({"ce": 1.0, "jacobian_norm": 1.0}))
     assert ctx.switch is not None
     with fastjac.use_backend("reference"):
-        assert "Python chain" in fastjac.ops.frozen_backward.why_not_one_pass(student, x)
+        assert "Python chain" in fastjac.nn.why_not_one_pass(student, x)

@@ -9,7 +9,7 @@ from _training_config import config_with
 from fastjac.training import checkpoint as ckpt_io
 from fastjac.training import config
 from fastjac.training.models import build_model, scaled_vgg_config
-from fastjac.training.runner import run_experiment
+from fastjac.experiments.runner import run_experiment
 from fastjac.training.trainer import Trainer
 
 BASE = {

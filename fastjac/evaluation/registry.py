@@ -48,15 +48,12 @@ def register(name: str, options: type, plot: Optional[Callable] = None):
         if name in EVALUATIONS:
             raise ValueError(f"evaluation {name!r} is registered twice")
         EVALUATIONS[name] = Evaluation(name, fn, options, plot)
+        config_io.EVALUATION_OPTIONS[name] = options  # what config validation checks ``evaluations`` against
         return fn
     return wrap
 
 
-def parse_options(name: str, spec: Any):
-    """The options dataclass of evaluation ``name`` from its config mapping (``None``: all defaults)."""
-    if name not in EVALUATIONS:
-        raise config_io.ConfigError(f"evaluations.{name}: unknown evaluation; expected one of {sorted(EVALUATIONS)}")
-    return config_io.from_dict(EVALUATIONS[name].options, spec or {}, f"evaluations.{name}")
+parse_options = config_io.parse_evaluation_options  # the options dataclass of an evaluation from its mapping
 
 
 @dataclass

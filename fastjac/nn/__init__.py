@@ -12,9 +12,10 @@ from .batch_norm import (
     BatchNormReLU2d,
     BatchNormReLU3d,
 )
+from .one_pass import why_not_one_pass
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
-    "ReLU", "Softplus",
+    "ReLU", "Softplus", "why_not_one_pass",
 ]

@@ -1,7 +1,8 @@
 """Saliency maps (``fastjac.saliency``): one map per image at the input's spatial size (thesis Ch. 3).
 
 ``fastjac.saliency(model, x, target=None, method="fullgrad", ...)`` dispatches to the methods registered in
-:data:`METHODS` (one module per method family, each registering itself with :func:`register`). Every method
+:data:`METHODS` (one module per method family, each registering itself with :func:`register`, from
+:mod:`.registry`). Every method
 receives the model in eval mode (its mode is restored afterwards), the input ``x`` ``(N, C, H, W)``, the
 target class per sample ``(N,)`` and, for random methods, a ``torch.Generator`` seeded from ``seed`` — so a
 call is deterministic under a seed. It returns non-negative maps ``(N, H, W)``; larger means more salient.
@@ -9,25 +10,15 @@ call is deterministic under a seed. It returns non-negative maps ``(N, H, W)``; 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["METHODS", "full_gradient_maps", "register", "resolve_target", "saliency", "save_saliency_grid"]
+from .registry import METHODS, check_target_range, register
 
-METHODS: dict[str, Callable[..., Tensor]] = {}
-
-
-def register(name: str):
-    """Decorator adding a saliency method ``fn(model, x, target, **options) -> (N, H, W)`` under ``name``."""
-    def wrap(fn):
-        if name in METHODS:
-            raise ValueError(f"saliency method {name!r} is registered twice")
-        METHODS[name] = fn
-        return fn
-    return wrap
-
+__all__ = ["METHODS", "check_target_range", "full_gradient_maps", "register", "resolve_target", "saliency",
+           "save_saliency_grid"]
 
 def resolve_target(model: nn.Module, x: Tensor, target) -> Tensor:
     """The class per sample: ``target`` as a ``(N,)`` long tensor (an int is broadcast), or the model's top

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..full_jacobian import full_jacobian
-from . import register
+from .registry import register
 from .postprocess import rescale_unit, upsample_to
 
 __all__ = ["full_gradient_maps", "fullgrad_aggregate", "fullgrad"]

@@ -22,7 +22,7 @@ from torch.nn.modules.pooling import (_AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd, _A
                                       _MaxPoolNd)
 
 from ..losses.features import LayerNotFoundError, get_layer
-from . import register
+from .registry import check_target_range, register
 from .postprocess import upsample_to
 
 __all__ = ["default_gradcam_layer", "gradcam"]
@@ -84,6 +84,7 @@ def _layer_activation_and_gradient(model: nn.Module, x: Tensor, target: Tensor, 
         handle.remove()
     if not calls:
         raise ValueError(f"layer: {layer!r} is not called in the forward pass of {type(model).__name__}")
+    check_target_range(target, out)
     activation, edge = calls[-1]
     if edge is None:
         return activation, torch.zeros_like(activation)

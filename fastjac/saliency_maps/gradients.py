@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import register
+from .registry import check_target_range, register
 
 __all__ = ["input_gradients", "channel_abs_sum"]
 
@@ -19,6 +19,7 @@ def input_gradients(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
         out = model(x)
         if out.dim() != 2:
             raise ValueError(f"model: expected logits of shape (N, K), got {tuple(out.shape)}")
+        check_target_range(target, out)
         (grad,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), x)
     return grad
 

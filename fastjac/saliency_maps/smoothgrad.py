@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import register
+from .registry import register
 from .gradients import channel_abs_sum, input_gradients
 from .postprocess import positive_int
 

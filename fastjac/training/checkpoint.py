@@ -1,10 +1,14 @@
 """Atomic checkpoints and the random-number-generator states an exact resume needs.
 
 A checkpoint is written to a temporary file in the run directory, flushed to disk and renamed over the
-previous one, so a run killed at any moment leaves either the old or the new checkpoint, never a torn one.
+previous one, so a run killed at any moment leaves either the old or the new checkpoint, never a torn one
+(a kill during the write can leave the temporary ``.tmp-*`` file: :func:`remove_orphans` deletes them on
+resume). ``result.json`` is written the same way (:func:`write_json_atomic`).
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 import random
 import tempfile
@@ -43,13 +47,12 @@ def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator])
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
+def _write_atomic(path: str, write, suffix: str, mode: str = "wb") -> None:
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -57,6 +60,34 @@ def save_atomic(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
+    _write_atomic(path, lambda f: torch.save(obj, f), ".pt")
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+    """``obj`` as JSON to ``path`` through a temporary file and an atomic rename: the file is always complete."""
+    _write_atomic(path, lambda f: json.dump(obj, f, indent=1), ".json", "w")
+
+
+def read_json(path: str) -> Any:
+    """The JSON in ``path``; a truncated or invalid file is a :class:`CheckpointError` naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path!r} is truncated or not valid JSON ({exc}); delete it (or its run) to "
+                              "recompute it") from exc
+
+
+def remove_orphans(run_dir: str) -> list[str]:
+    """Delete the temporary files of atomic writes that a killed process left in ``run_dir``; returns them."""
+    orphans = sorted(glob.glob(os.path.join(glob.escape(run_dir), ".tmp-*")))
+    for path in orphans:
+        os.remove(path)
+    return orphans
 
 
 def load(path: str) -> dict[str, Any]:

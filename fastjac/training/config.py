@@ -1,7 +1,8 @@
 """Run configurations: typed dataclasses loaded from YAML and validated on load.
 
 Every error names the offending field by its dotted path (``optim.lr``, ``data.per_class``) and says what was
-expected. ``--set key=value`` overrides (values parsed as YAML) are applied before validation.
+expected. ``--set key=value`` overrides (values parsed as YAML) are applied before validation. YAML is read
+with numbers in every usual notation as numbers (``5e-4`` too, which YAML 1.1 reads as a string).
 
 A config describes one training run, or, with ``sweep``, a grid of runs (methods × samples per class ×
 seeds) that together fill one table of a paper: each run's config is the base config with the method's
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,9 +21,41 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from . import terms as loss_terms
+from .models import check_input_fits
+
+
+#: The bundled experiment configs (``fastjac list``).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config(name: str) -> str:
+    """A config path, or the name of a bundled config (with or without ``.yaml``)."""
+    if os.path.isfile(name):
+        return name
+    bundled = os.path.join(CONFIG_DIR, name if name.endswith(".yaml") else name + ".yaml")
+    if os.path.isfile(bundled):
+        return bundled
+    raise FileNotFoundError(f"config {name!r} is neither a file nor a bundled config; see `fastjac list`")
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``5e-4``, ``1E3``, ``+2.5e+1`` as floats (YAML 1.2 numbers)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def yaml_load(stream) -> Any:
+    """YAML (a string or an open file) with :class:`_Loader`."""
+    return yaml.load(stream, Loader=_Loader)
 
 
 @dataclass
@@ -173,10 +207,16 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{dotted}: must be positive, got {value!r}")
     if cfg.data.epoch_size is not None and cfg.data.epoch_size < 1:
         raise ConfigError(f"data.epoch_size: must be a positive integer or null, got {cfg.data.epoch_size!r}")
-    if cfg.data.per_class is not None and cfg.data.per_class < 1:
-        raise ConfigError(f"data.per_class: must be a positive integer or null, got {cfg.data.per_class!r}")
+    for dotted in ("data.per_class", "data.train_limit", "data.test_limit"):
+        value = get(cfg, dotted)
+        if value is not None and value < 1:
+            raise ConfigError(f"{dotted}: must be a positive integer or null, got {value!r}")
     if cfg.data.batch_size % cfg.accumulate:
         raise ConfigError(f"accumulate: must divide data.batch_size ({cfg.data.batch_size}), got {cfg.accumulate}")
+    if cfg.data.batch_size < 2 * cfg.accumulate:
+        raise ConfigError(f"data.batch_size: BatchNorm needs at least 2 examples per micro-batch, so at least "
+                          f"{2 * cfg.accumulate} with accumulate {cfg.accumulate}; got {cfg.data.batch_size} (a step "
+                          "with fewer is skipped: the run would train nothing)")
     if sorted(cfg.schedule.milestones) != list(cfg.schedule.milestones) or not all(
             isinstance(m, int) and m > 0 for m in cfg.schedule.milestones):
         raise ConfigError(f"schedule.milestones: expected increasing positive epochs, got {cfg.schedule.milestones!r}")
@@ -187,12 +227,82 @@ def validate(cfg: RunConfig) -> RunConfig:
             continue
         if not isinstance(weight, dict) or "weight" not in weight:
             raise ConfigError(f"loss.{name}: expected a weight or a mapping with 'weight' and options, got {weight!r}")
-    if cfg.evaluations:
-        from ..evaluation.registry import parse_options  # late: the registry imports this module
-
-        for name, spec in cfg.evaluations.items():
-            parse_options(name, spec)
+    try:
+        loss_terms.parse(cfg.loss)  # unknown terms and options, negative weights
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    _check_eval(cfg.eval)
+    _check_inputs(cfg)
+    for name, spec in cfg.evaluations.items():
+        parse_evaluation_options(name, spec)
     return cfg
+
+
+#: ``eval`` keys (the trainer's per-run evaluations after training) and what each must be.
+EVAL_KEYS = {
+    "noise_stds": "a non-empty list of noise stds >= 0",
+    "noise_repeats": "a positive integer (repeats per noise std; needs noise_stds)",
+    "batch_stats": "true or false",
+}
+
+
+def _check_eval(spec: dict) -> None:
+    unknown = sorted(set(spec) - set(EVAL_KEYS))
+    if unknown:
+        raise ConfigError(f"eval.{unknown[0]}: unknown key; allowed: {sorted(EVAL_KEYS)}")
+    number = (int, float)
+    checks = {
+        "noise_stds": lambda v: isinstance(v, list) and v and all(
+            isinstance(x, number) and not isinstance(x, bool) and x >= 0 for x in v),
+        "noise_repeats": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "batch_stats": lambda v: isinstance(v, bool),
+    }
+    for key, value in spec.items():
+        if not checks[key](value):
+            raise ConfigError(f"eval.{key}: expected {EVAL_KEYS[key]}, got {value!r}")
+    if "noise_repeats" in spec and "noise_stds" not in spec:
+        raise ConfigError("eval.noise_repeats: has no effect without eval.noise_stds")
+
+
+def input_shape(data: DataConfig) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of the images the trainer feeds; ``data.channels`` and ``data.image_size``
+    that a dataset cannot honour are errors naming them (CIFAR is 3×32×32, MIT Indoor and ImageNet RGB)."""
+    if data.dataset == "digits":
+        return data.channels, data.image_size, data.image_size
+    if data.channels != 3:
+        raise ConfigError(f"data.channels: {data.dataset} images have 3 channels, got {data.channels}")
+    if data.dataset in ("cifar10", "cifar100") and data.image_size != 32:
+        raise ConfigError(f"data.image_size: {data.dataset} images are 32x32 (not resized), got {data.image_size}")
+    return 3, data.image_size, data.image_size
+
+
+def _check_inputs(cfg: RunConfig) -> None:
+    """The student (and the teacher) take the data's images: channels and image size, checked on the meta device
+    (no weights read, nothing computed)."""
+    shape = input_shape(cfg.data)
+    specs = {"model": cfg.model}
+    if cfg.teacher is not None:
+        specs["teacher.model"] = cfg.teacher.model or cfg.model
+    for field_name, spec in specs.items():
+        try:
+            check_input_fits(spec, shape)
+        except ValueError as exc:
+            message = str(exc) if str(exc).startswith("model") else f"model: {exc}"  # build_model names its fields
+            raise ConfigError(message.replace("model", field_name, 1)) from exc
+
+
+#: Evaluation name -> its options dataclass: filled by :func:`fastjac.evaluation.registry.register` (the
+#: evaluations register when :mod:`fastjac.evaluation` is imported), read here to validate ``evaluations``.
+EVALUATION_OPTIONS: dict[str, type] = {}
+
+
+def parse_evaluation_options(name: str, spec: Any):
+    """The options dataclass of evaluation ``name`` from its config mapping (``None``: all defaults); errors
+    name ``evaluations.<name>[.<option>]``."""
+    if name not in EVALUATION_OPTIONS:
+        hint = "" if EVALUATION_OPTIONS else " (none is registered: import fastjac.evaluation first)"
+        raise ConfigError(f"evaluations.{name}: unknown evaluation; expected one of {sorted(EVALUATION_OPTIONS)}{hint}")
+    return from_dict(EVALUATION_OPTIONS[name], spec or {}, f"evaluations.{name}")
 
 
 def get(cfg: Any, dotted: str) -> Any:
@@ -223,7 +333,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set: expected key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            value = yaml_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML: {exc}") from exc
+        out.append((key.strip(), value))
     return out
 
 
@@ -238,7 +352,7 @@ def read(path: str, _seen: tuple = ()) -> dict:
         raise FileNotFoundError(f"config file {path!r} does not exist")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = yaml_load(f) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -273,34 +387,43 @@ def from_mapping(data: dict, overrides: list[str] | None = None) -> RunConfig:
     return validate(from_dict(RunConfig, data))
 
 
-def expand(cfg: RunConfig) -> list[tuple[dict, RunConfig]]:
-    """The runs of a config: ``[(cell, run_config)]`` where ``cell`` = {method, per_class, seed}; a config
-    without ``sweep`` is one run."""
+def sweep_cells(cfg: RunConfig) -> list[tuple[dict, dict]]:
+    """``[(cell, method_overrides)]`` of a config's sweep, ``cell`` = {method, per_class, seed} (methods × samples
+    per class × seeds, in that order); a config without ``sweep`` is one cell named after the config."""
     if cfg.sweep is None:
-        return [({"method": cfg.name, "per_class": cfg.data.per_class, "seed": cfg.seed}, cfg)]
-    base = cfg.to_dict()
-    base["sweep"] = None
+        return [({"method": cfg.name, "per_class": cfg.data.per_class, "seed": cfg.seed}, {})]
     methods = cfg.sweep.methods or {cfg.name: {}}
     per_classes = cfg.sweep.per_class or [cfg.data.per_class]
     seeds = cfg.sweep.seeds or [cfg.seed]
+    return [({"method": method, "per_class": per_class, "seed": seed}, changes)
+            for method, changes in methods.items() for per_class in per_classes for seed in seeds]
+
+
+def expand(cfg: RunConfig) -> list[tuple[dict, RunConfig]]:
+    """The runs of a config: ``[(cell, run_config)]`` where ``cell`` = {method, per_class, seed} (see
+    :func:`sweep_cells`); each run config is validated (errors name the sweep method)."""
+    if cfg.sweep is None:
+        return [(sweep_cells(cfg)[0][0], cfg)]
+    base = cfg.to_dict()
+    base["sweep"] = None
     runs = []
-    for method, changes in methods.items():
+    for cell, changes in sweep_cells(cfg):
+        method = cell["method"]
         if not isinstance(changes, dict):
             raise ConfigError(f"sweep.methods.{method}: expected a mapping of dotted overrides, got {changes!r}")
-        for per_class in per_classes:
-            for seed in seeds:
-                data = copy.deepcopy(base)
-                for key, value in changes.items():
-                    if key == "loss":  # a method's loss replaces the base loss entirely
-                        data["loss"] = copy.deepcopy(value)
-                    else:
-                        set_dotted(data, key, copy.deepcopy(value))
-                data["data"]["per_class"] = per_class
-                data["seed"] = seed
-                data["name"] = f"{cfg.name}/{method}/pc{per_class if per_class is not None else 'all'}/seed{seed}"
-                try:
-                    run = validate(from_dict(RunConfig, data))
-                except ConfigError as exc:
-                    raise ConfigError(f"sweep.methods.{method}: {exc}") from exc
-                runs.append(({"method": method, "per_class": per_class, "seed": seed}, run))
+        data = copy.deepcopy(base)
+        for key, value in changes.items():
+            if key == "loss":  # a method's loss replaces the base loss entirely
+                data["loss"] = copy.deepcopy(value)
+            else:
+                set_dotted(data, key, copy.deepcopy(value))
+        per_class, seed = cell["per_class"], cell["seed"]
+        data["data"]["per_class"] = per_class
+        data["seed"] = seed
+        data["name"] = f"{cfg.name}/{method}/pc{per_class if per_class is not None else 'all'}/seed{seed}"
+        try:
+            run = validate(from_dict(RunConfig, data))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep.methods.{method}: {exc}") from exc
+        runs.append((cell, run))
     return runs

@@ -289,6 +289,27 @@ def augment(images: torch.Tensor, generator: torch.Generator, crop_padding: int 
     return out
 
 
+def load_labels(name: str, split: str, root: str | None = None, **kwargs) -> torch.Tensor:
+    """The labels of :func:`load_dataset` (same arguments) in the same order, decoding no image files (MIT Indoor
+    and ImageNet labels come from the split lists and folder names)."""
+    if name == "mit_indoor" and root is not None:
+        images_dir = os.path.join(root, "Images")
+        _require_dir(images_dir, "MIT Indoor 67 (Images/<class>/<file>.jpg)")
+        classes = sorted(d for d in os.listdir(images_dir) if os.path.isdir(os.path.join(images_dir, d)))
+        entries = _read_list(os.path.join(root, "TrainImages.txt" if split == "train" else "TestImages.txt"))
+        index = {c: i for i, c in enumerate(classes)}
+        return torch.tensor([index.get(e.split("/")[0], -1) for e in entries], dtype=torch.long)
+    if name == "imagenet" and root is not None:
+        folder = os.path.join(root, "train" if split == "train" else "val")
+        _require_dir(folder, f"ImageNet {split} split (<wnid>/<file>.JPEG folders)")
+        classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        files = [sorted(f for f in os.listdir(os.path.join(folder, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+                 for c in classes]
+        order = imagenet_order(files, kwargs.get("seed", 0))[:kwargs.get("limit")]
+        return torch.tensor([c for c, _ in order], dtype=torch.long)
+    return load_dataset(name, split, root, **kwargs).labels
+
+
 def load_dataset(name: str, split: str, root: str | None = None, **kwargs) -> ImageSet:
     """Dispatch: ``cifar10``, ``cifar100``, ``mit_indoor``, ``imagenet`` (need ``root``), ``digits`` (bundled)."""
     if name == "digits":

@@ -1,5 +1,7 @@
 """Jacobian loss terms of the trainer, built on :mod:`fastjac.losses`, :func:`fastjac.input_jacobian`,
-:func:`fastjac.full_jacobian` and :func:`fastjac.hessian_trace` (registered into :data:`terms.TERMS`).
+:func:`fastjac.full_jacobian` and :func:`fastjac.hessian_trace`: :data:`SPECS` (name -> the fields of a
+:class:`~fastjac.training.terms.Term`), which :mod:`fastjac.training.terms` adds to its registry (this module
+does not import it: the dependency runs one way).
 
 Student input-gradients are ``torch.autograd.grad(..., create_graph=True)`` (the loss's backward is the double
 backward the fused ops accelerate). With BatchNorm in training mode they are taken, by default
@@ -18,6 +20,7 @@ Teachers run in eval mode without a graph.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,7 +28,9 @@ from .. import losses
 from ..full_jacobian import full_jacobian
 from ..hessian_trace import hessian_trace
 from ..input_jacobian import input_jacobian
-from .terms import StepContext, Term, register
+
+if TYPE_CHECKING:  # annotations only
+    from .terms import StepContext
 
 
 def _per_sample_sq(t: torch.Tensor) -> torch.Tensor:
@@ -138,20 +143,23 @@ def gradient_norm(ctx: StepContext, batch_norm: str = "frozen") -> torch.Tensor:
     return losses.gradient_norm(_per_sample_sq(ctx.input_grad("logits", "label", batch_norm)))
 
 
-register("jacobian_matching", Term(jacobian_matching, needs_teacher=True, needs_input_grad=True,
-                                   options=("normalize", "classes", "batch_norm"), first_derivative_only=True))
-register("jacobian_norm", Term(jacobian_norm, needs_input_grad=True, options=("form", "batch_norm"),
-                               first_derivative_only=True))
-register("attention_matching", Term(attention_matching, needs_teacher=True,
-                                    options=("student_layer", "teacher_layer", "squared")))
-register("attention_jacobian", Term(attention_jacobian, needs_teacher=True, extra_passes=True,
-                                    options=("student_layer", "teacher_layer", "window")))
-register("bias_jacobian_matching", Term(bias_jacobian_matching, needs_teacher=True, extra_passes=True,
-                                        options=("student_layers", "teacher_layers", "classes")))
-register("bias_jacobian_norm", Term(bias_jacobian_norm, extra_passes=True, options=("layers",)))
-register("score_matching", Term(score_matching, needs_input_grad=True, extra_passes=True,
-                                options=("mu", "sigma", "method", "samples", "batch_norm", "control_variate")))
-register("anti_score_matching", Term(anti_score_matching, needs_input_grad=True, extra_passes=True,
-                                     options=("tau", "sigma", "method", "samples", "batch_norm", "control_variate")))
-register("gradient_norm", Term(gradient_norm, needs_input_grad=True, options=("batch_norm",),
-                               first_derivative_only=True))
+#: name -> the fields of its :class:`~fastjac.training.terms.Term`
+SPECS: dict[str, dict] = {
+    "jacobian_matching": dict(fn=jacobian_matching, needs_teacher=True, needs_input_grad=True,
+        options=("normalize", "classes", "batch_norm"), first_derivative_only=True),
+    "jacobian_norm": dict(fn=jacobian_norm, needs_input_grad=True, options=("form", "batch_norm"),
+        first_derivative_only=True),
+    "attention_matching": dict(fn=attention_matching, needs_teacher=True,
+        options=("student_layer", "teacher_layer", "squared")),
+    "attention_jacobian": dict(fn=attention_jacobian, needs_teacher=True, extra_passes=True,
+        options=("student_layer", "teacher_layer", "window")),
+    "bias_jacobian_matching": dict(fn=bias_jacobian_matching, needs_teacher=True, extra_passes=True,
+        options=("student_layers", "teacher_layers", "classes")),
+    "bias_jacobian_norm": dict(fn=bias_jacobian_norm, extra_passes=True, options=("layers",)),
+    "score_matching": dict(fn=score_matching, needs_input_grad=True, extra_passes=True,
+        options=("mu", "sigma", "method", "samples", "batch_norm", "control_variate")),
+    "anti_score_matching": dict(fn=anti_score_matching, needs_input_grad=True, extra_passes=True,
+        options=("tau", "sigma", "method", "samples", "batch_norm", "control_variate")),
+    "gradient_norm": dict(fn=gradient_norm, needs_input_grad=True, options=("batch_norm",),
+        first_derivative_only=True),
+}

@@ -62,7 +62,7 @@ class VGG(nn.Module):
     ``classifier`` = one linear layer. Feature names are ``features.<i>`` (e.g. the second max-pool of VGG-9
     is ``features.7``)."""
 
-    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.ops.frozen_backward)
+    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.nn.why_not_one_pass)
 
     def __init__(self, config: list, num_classes: int, in_channels: int = 3, activation: str = "relu",
                  beta: float = 10.0, dropout: float = 0.0):
@@ -109,7 +109,7 @@ class TwoHeadVGG(VGG):
 
 
 class _Head(nn.Module):
-    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.ops.frozen_backward)
+    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.nn.why_not_one_pass)
 
     def __init__(self, model: TwoHeadVGG, name: str):
         super().__init__()
@@ -123,7 +123,7 @@ class _Head(nn.Module):
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3×3 convs with BatchNorm, identity or 1×1 projection shortcut)."""
 
-    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.ops.frozen_backward)
+    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.nn.why_not_one_pass)
 
     def __init__(self, cin: int, cout: int, stride: int, activation: Callable[[], nn.Module]):
         super().__init__()
@@ -148,7 +148,7 @@ class CifarResNet(nn.Module):
 
     BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
-    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.ops.frozen_backward)
+    piecewise_linear = True  # forward: submodules, flatten, residual add (fastjac.nn.why_not_one_pass)
 
     def __init__(self, depth: int, num_classes: int, in_channels: int = 3, activation: str = "relu",
                  beta: float = 10.0):
@@ -246,3 +246,28 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     if weights:
         load_weights(model, weights, f"model {arch}")
     return convert(model) if spec.get("fused", True) else model
+
+
+def check_input_fits(spec: Mapping[str, Any], shape: tuple[int, int, int]) -> None:
+    """A ValueError naming ``data.channels`` or ``data.image_size`` when the model of ``spec`` cannot take
+    ``(N, *shape)`` images (built on the meta device without its weights: nothing is read or computed)."""
+    spec = {k: v for k, v in spec.items() if k not in ("weights", "fused")}
+    key = (repr(sorted(spec.items())), tuple(shape))
+    if key in _FITS:
+        return
+    channels, height, width = shape
+    expected = 3 if str(spec.get("arch", "")).startswith("tv_") else spec.get("in_channels", 3)
+    if expected != channels:
+        raise ValueError(f"model.in_channels is {expected} (the model's input channels), but data.channels is "
+                         f"{channels}")
+    with torch.device("meta"):
+        model = build_model(dict(spec, fused=False))
+        try:
+            model.eval()(torch.empty(2, channels, height, width))
+        except RuntimeError as exc:
+            raise ValueError(f"{spec.get('arch')} cannot take {height}x{width} images (data.image_size {height}; "
+                             f"too small for its pooling?): {exc}") from None
+    _FITS.add(key)
+
+
+_FITS: set = set()  # (spec, shape) pairs already checked

@@ -10,27 +10,32 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import read_json
+from .layout import experiment_cell_dirs
+
 
 def _results(run_dir: str) -> list[dict]:
+    """The cells' results; only the cells of ``experiment.yaml`` when there is one (never leftovers of another
+    config in the same directory)."""
     rows = []
+    listed = experiment_cell_dirs(run_dir)
     for path in sorted(glob.glob(os.path.join(run_dir, "*", "pc*", "seed*", "result.json"))):
         seed_dir = os.path.dirname(path)
+        if listed is not None and os.path.normpath(seed_dir) not in listed:
+            continue
         pc_dir = os.path.dirname(seed_dir)
         method_dir = os.path.dirname(pc_dir)
-        with open(path) as f:
-            result = json.load(f)
+        result = read_json(path)
         cell_path = os.path.join(seed_dir, "cell.json")
         if os.path.isfile(cell_path):
-            with open(cell_path) as f:
-                cell = json.load(f)
+            cell = read_json(cell_path)
         else:
             pc = os.path.basename(pc_dir)[2:]
             cell = {"method": os.path.basename(method_dir), "per_class": None if pc == "all" else int(pc),
                     "seed": int(os.path.basename(seed_dir)[4:])}
         rows.append({**result, **cell})
     if not rows and os.path.isfile(os.path.join(run_dir, "result.json")):
-        with open(os.path.join(run_dir, "result.json")) as f:
-            rows.append({"method": "run", "per_class": None, "seed": 0, **json.load(f)})
+        rows.append({"method": "run", "per_class": None, "seed": 0, **read_json(os.path.join(run_dir, "result.json"))})
     return rows
 
 

@@ -1,6 +1,8 @@
 """Small synthetic datasets written in the real on-disk formats (for tests and smoke configs).
 
 Images are class-dependent (a per-class colour offset plus noise), so a model can learn them quickly.
+:func:`write_smoke_data` (``fastjac synth DIR``) writes everything the ``smoke_*`` configs read from
+``--data-root``.
 """
 from __future__ import annotations
 
@@ -87,3 +89,21 @@ def write_imagenet(root: str, n_classes: int = 3, train_per_class: int = 2, val_
         os.makedirs(folder, exist_ok=True)
         Image.fromarray(img.transpose(1, 2, 0)).save(os.path.join(folder, f"{wnid}_{i}.JPEG"), quality=95)
     return root
+
+
+def write_smoke_data(root: str) -> list[str]:
+    """Everything the ``smoke_*`` configs read from ``--data-root``: synthetic CIFAR-100 and CIFAR-10, MIT Indoor
+    and ImageNet folders, and a randomly initialised (not pretrained) torchvision ResNet-34 weights file named
+    like the published one (the configs' ``teacher``/``model.weights``). Returns the paths written."""
+    import torch
+    import torchvision
+
+    os.makedirs(root, exist_ok=True)
+    paths = [write_cifar(root, "cifar100", n_train=100, n_test=20, seed=0),
+             write_cifar(root, "cifar10", n_train=50, n_test=20, seed=1),
+             write_mit_indoor(root, n_classes=3, train_per_class=4, test_per_class=2, size=(72, 80), seed=2),
+             write_imagenet(root, n_classes=3, train_per_class=1, val_per_class=2, size=(40, 48), seed=3)]
+    torch.manual_seed(0)
+    weights = os.path.join(root, "resnet34-b627a593.pth")
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), weights)
+    return paths + [weights]

@@ -3,7 +3,7 @@
 A config's ``loss`` maps term names to a weight, or to a mapping ``{weight: w, <option>: value, ...}``. Each
 term is a function of a :class:`StepContext`, which runs the student (and teacher) once per micro-batch and
 shares the outputs, captured features and input-gradients between terms. The Jacobian terms live in
-:mod:`fastjac.training.jacobian_terms` and register themselves here.
+:mod:`fastjac.training.jacobian_terms` (which does not import this module); :data:`TERMS` holds them all.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from torch import nn
 
 from ..batch_norm_stats import record_batch_norm_stats
 from ..losses import capture_features, get_layer
-from ..ops.frozen_backward import FrozenBackward, why_not_one_pass
+from ..nn.one_pass import why_not_one_pass
+from ..ops.frozen_backward import FrozenBackward
+from . import jacobian_terms
 
 
 BATCH_NORM_MODES = ("frozen", "frozen_constant", "live")
@@ -49,6 +51,7 @@ class Term:
     options: tuple[str, ...] = ()
     extra_passes: bool = False
     first_derivative_only: bool = False  # uses the input gradient only in the loss (not differentiated in x)
+    allows_negative: bool = False   # a negative weight is meaningful (otherwise it maximises the term: an error)
 
 
 class StepContext:
@@ -216,6 +219,7 @@ TERMS: dict[str, Term] = {
     "ce": Term(_ce),
     "activation_matching": Term(_activation_matching, needs_teacher=True),
     "bias_decay": Term(_bias_decay, options=("layers",)),
+    **{name: Term(**spec) for name, spec in jacobian_terms.SPECS.items()},
 }
 
 
@@ -225,9 +229,8 @@ def register(name: str, term: Term) -> None:
 
 
 def parse(loss_cfg: dict[str, Any]) -> list[tuple[str, float, dict]]:
-    """``[(name, weight, options)]`` of a config's ``loss`` mapping; unknown names or options are errors."""
-    from . import jacobian_terms  # noqa: F401 - registers the Jacobian terms
-
+    """``[(name, weight, options)]`` of a config's ``loss`` mapping; unknown names or options, and negative weights
+    of terms that do not declare them meaningful (:attr:`Term.allows_negative`), are errors."""
     out = []
     for name, spec in loss_cfg.items():
         if name not in TERMS:
@@ -240,6 +243,9 @@ def parse(loss_cfg: dict[str, Any]) -> list[tuple[str, float, dict]]:
                 raise ValueError(f"loss.{name}: unknown option(s) {bad}; allowed: {list(TERMS[name].options)}")
         else:
             weight, spec = spec, {}
+        if float(weight) < 0 and not TERMS[name].allows_negative:
+            raise ValueError(f"loss.{name}: weight must be >= 0, got {weight!r} (a negative weight maximises the term; "
+                             "this term does not declare that meaningful)")
         out.append((name, float(weight), spec))
     if not any(w != 0 for _, w, _ in out):
         raise ValueError(f"loss: at least one term needs a non-zero weight, got {loss_cfg!r}")

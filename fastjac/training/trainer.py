@@ -11,7 +11,9 @@ one. A non-finite loss term stops the run with a :class:`NonFiniteLossError` nam
 
 Multi-process (``torchrun``): each global batch is split into ``world_size`` contiguous chunks, rank r trains
 on chunk r and DistributedDataParallel averages the gradients; ``accumulate: N`` does the same with N
-micro-batches in one process (identical BatchNorm batch statistics), which is how the two are compared.
+micro-batches in one process (identical BatchNorm batch statistics), which is how the two are compared. The
+BatchNorm running statistics are averaged over the ranks after every epoch
+(:func:`fastjac.training.distributed.average_batch_norm_stats`): ``model.pt`` holds that average.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from . import checkpoint as ckpt_io
 from . import data as data_io
 from . import terms as loss_terms
 from .config import RunConfig
+from .distributed import average_batch_norm_stats
 from .models import build_model
 
 
@@ -119,9 +122,8 @@ class RunData:
     subset_indices: torch.Tensor   # indices of the kept training examples in the (limited) training split
 
 
-def load_split(cfg: RunConfig, split: str, data_root: str | None = None) -> data_io.ImageSet:
-    """One split (``train``/``test``) of ``cfg.data`` after its ``train_limit``/``test_limit`` (``data_root``
-    overrides ``data.root``); ImageNet folders read only the files within the limit."""
+def _split_args(cfg: RunConfig, split: str, data_root: str | None) -> tuple[str | None, dict, int | None]:
+    """``(root, loader kwargs, limit)`` of one split of ``cfg.data``."""
     d = cfg.data
     root = data_root if data_root is not None else d.root
     limit = d.train_limit if split == "train" else d.test_limit
@@ -132,8 +134,22 @@ def load_split(cfg: RunConfig, split: str, data_root: str | None = None) -> data
         kwargs = dict(image_size=d.image_size)
     elif d.dataset == "imagenet":
         kwargs = dict(image_size=d.image_size, limit=limit or None)
-    images = data_io.load_dataset(d.dataset, split, root, **kwargs)
+    return root, kwargs, limit
+
+
+def load_split(cfg: RunConfig, split: str, data_root: str | None = None) -> data_io.ImageSet:
+    """One split (``train``/``test``) of ``cfg.data`` after its ``train_limit``/``test_limit`` (``data_root``
+    overrides ``data.root``); ImageNet folders read only the files within the limit."""
+    root, kwargs, limit = _split_args(cfg, split, data_root)
+    images = data_io.load_dataset(cfg.data.dataset, split, root, **kwargs)
     return images.subset(range(min(limit, len(images)))) if limit else images
+
+
+def load_split_labels(cfg: RunConfig, split: str, data_root: str | None = None) -> torch.Tensor:
+    """The labels of :func:`load_split`, without decoding image files where the format allows it."""
+    root, kwargs, limit = _split_args(cfg, split, data_root)
+    labels = data_io.load_labels(cfg.data.dataset, split, root, **kwargs)
+    return labels[:limit] if limit else labels
 
 
 def load_run_data(cfg: RunConfig, data_root: str | None = None) -> RunData:
@@ -329,6 +345,8 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         result_path = os.path.join(self.run_dir, "result.json")
         self.setup()
+        if resume and self.rank == 0:
+            ckpt_io.remove_orphans(self.run_dir)  # temporary files of a write that a kill interrupted
         if os.path.exists(self.ckpt_path):
             if not resume:
                 raise ckpt_io.CheckpointError(
@@ -350,6 +368,12 @@ class Trainer:
                 for k, v in self._step(idx, epoch, step).items():
                     sums[k] = sums.get(k, 0.0) + v
                 steps += 1
+            if steps == 0:
+                raise ValueError(f"run {self.cfg.name!r}: epoch {epoch} made 0 optimiser steps ({len(self.train_y)} "
+                                 f"training examples, data.batch_size {self.cfg.data.batch_size}, "
+                                 f"{self.world} process(es) x accumulate {self.cfg.accumulate} micro-batches, each "
+                                 "needing 2 examples for BatchNorm)")
+            average_batch_norm_stats(self.model)
             train_seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": steps,
                    "train_seconds": train_seconds}
@@ -372,10 +396,7 @@ class Trainer:
         result.update(self._final_evaluations())
         if self.rank == 0:
             ckpt_io.save_atomic(self.model.state_dict(), os.path.join(self.run_dir, "model.pt"))
-            tmp = result_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(tmp, result_path)  # atomic: a result.json is always complete
+            ckpt_io.write_json_atomic(result, result_path)  # a result.json is always complete
         return result
 
     def _final_evaluations(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ scikit-learn's digits, a figure, and the time the fused ops save against plain P
 
 ``--quick`` runs the same code path at a reduced size into ``runs/demo-quick`` (never into the full run's
 folder; and a finished cell is only reused for the config it was trained with, see
-:func:`fastjac.training.runner.finished_result`).
+:func:`fastjac.experiments.runner.finished_result`).
 """
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ import statistics
 import tempfile
 import time
 
-from ..cli import resolve_config
-from . import config as config_io
-from .report import method_stats, plot_per_class, table
-from .runner import cell_dir, run_experiment, with_teacher
-from .trainer import Trainer
+from ..training import config as config_io
+from ..training.checkpoint import CheckpointError
+from ..training.config import resolve_config
+from ..training.report import method_stats, plot_per_class, table
+from ..training.trainer import Trainer
+from .plan import with_teacher
+from .runner import run_experiment
 
 QUICK = ["epochs=3", "sweep.per_class=[1]", "sweep.seeds=[0, 1]", "teacher.train.epochs=1"]
 JACOBIAN, BASELINES = "CE + A + J", ("CE", "CE + A")
@@ -82,7 +84,12 @@ def main(out: str | None = None, quick: bool = False) -> int:
     t0 = time.perf_counter()
     out = out or os.path.join("runs", "demo-quick" if quick else "demo")
     cfg = config_io.load(resolve_config("digits_e1"), QUICK if quick else [])
-    run_experiment(cfg, out, progress=True, resume=True)
+    try:
+        run_experiment(cfg, out, progress=True, resume=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. (The demo continues the runs in its --out folder, which holds runs of "
+                              f"{'the full demo' if quick else 'another config, e.g. --quick'}: give this run another "
+                              "--out, or delete that folder)") from exc
     print()
     if quick:
         print("(--quick: a reduced run of the same code path, 3 epochs and a 1-epoch teacher; its numbers "
