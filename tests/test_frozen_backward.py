@@ -126,3 +126,20 @@ def test_recording_needs_the_cpp_chain():
     with fastjac.use_backend("reference"), FrozenBackward().recording(), \
             pytest.raises(RuntimeError, match="needs the C\\+\\+ chain"):
         model(x)
+
+
+def test_third_derivative_through_the_frozen_link_is_refused():
+    model = _model("resnet18")
+    x, y = _batch()
+    x = x.clone().requires_grad_()
+    switch = FrozenBackward()
+    with switch.recording():
+        logits = model(x)
+    with switch.frozen():
+        (j,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), x, create_graph=True)
+    penalty = j.pow(2).sum()
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(penalty, params, create_graph=True, allow_unused=True)
+    second = sum(g.sum() for g in grads if g is not None and g.requires_grad)
+    with pytest.raises(RuntimeError, match="third derivatives through a FrozenBackward graph"):
+        torch.autograd.grad(second, params, allow_unused=True)

@@ -122,6 +122,10 @@ struct BnDoubleBackward : torch::autograd::Function<BnDoubleBackward> {
     const auto s = ctx->get_saved_variables();
     const Flags f = flags(ctx);
     const auto all = wanted_inputs(ctx, f.present, 9);
+    // Statistics that require grad come only from a switchable graph's frozen link (its double backward, created
+    // with create_graph); the reference VJP holds them constant, so a third derivative there would be wrong.
+    TORCH_CHECK(!all[5] && !all[6], "fastjac: third derivatives through a FrozenBackward graph's frozen BatchNorm "
+                "link are not implemented (the two-pass route of fastjac.record_batch_norm_stats supports them)");
     // Differentiable inputs: ggx, ggw, ggb, grad, x, weight (the statistics and bias are constants here).
     const std::vector<bool> wanted{all[0], all[1], all[2], all[3], all[4], all[7]};
     const bool mask[6] = {wanted[0], wanted[1], wanted[2], wanted[3], wanted[4], wanted[5]};

@@ -32,6 +32,8 @@ BatchNorm forward it sees, whose autograd node keeps it; ``frozen()`` sets the f
 worker threads (one per device) read that same tensor. Graphs recorded with other switches, or none, are
 unaffected; under DDP the one ``loss.backward()`` carries both gradients. Only the C++ chain supports it
 (:mod:`fastjac.ops._paths`): a fused BatchNorm that would take the Python chain inside ``recording()`` raises.
+First and second derivatives are exact; a third derivative through a frozen link raises (use the two-pass
+route for it).
 """
 from __future__ import annotations
 
