@@ -158,7 +158,7 @@ def test_cli_run_table_plot(tmp_path):
 def test_ddp_matches_single_process_accumulation(tmp_path):
     """2 gloo processes, each half of every global batch, against one process with accumulate=2 (the same
     BatchNorm batch statistics), with a double-backward loss (Jacobian norm): equal parameters up to float
-    reduction order."""
+    reduction order, and equal logged losses (averaged over the ranks)."""
     common = ["--no-progress", "--set", "sweep=null", "--set", "teacher=null", "--set", "epochs=1",
               "--set", "data.per_class=10", "--set", "optim.name=sgd", "--set", "optim.lr=0.05",
               "--set", "loss={ce: 1.0, jacobian_norm: {weight: 0.1, form: cross_entropy}}"]
@@ -180,3 +180,8 @@ def test_ddp_matches_single_process_accumulation(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
             moved += not torch.allclose(a[k], before[k])
     assert moved > 0
+    # the logged train loss of the DDP run is averaged over the ranks: that of the whole batch
+    single_rows, ddp_rows = (_history(tmp_path / run / "smoke_digits/pc10/seed0") for run in ("single", "ddp"))
+    for one, two in zip(single_rows, ddp_rows, strict=True):
+        for key in ("train_loss", "train_ce", "train_jacobian_norm"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), key
