@@ -36,10 +36,12 @@ for _mode in ("frozen", "live"):
     LOSSES[f"CE + Jacobian matching ({_mode})"] = {"ce": 1.0, "jacobian_matching": {"weight": 1.0, "batch_norm": _mode}}
 
 
-def make_step(model: str, loss: str, fused: bool, teacher_path: str):
-    """``step()`` running one ``Trainer._step`` of the variant on a fixed batch of training digits."""
+def make_step(model: str, loss: str, fused: bool, teacher_path: str, precision: str = "float32", sync: bool = False):
+    """``step()`` running one ``Trainer._step`` of the variant on a fixed batch of training digits; ``sync``:
+    and read the logged values on the host after it (what ``sync_every: 1`` does). ``step.read()`` returns
+    the means of the logged values so far (raising if one was non-finite)."""
     spec = MODELS[model]
-    cfg = {"name": f"{model}/{loss}", "epochs": 1, "model": dict(spec["model"], fused=fused),
+    cfg = {"name": f"{model}/{loss}", "epochs": 1, "model": dict(spec["model"], fused=fused), "precision": precision,
            "data": spec["data"], "optim": {"name": "sgd", "lr": 0.01}, "loss": LOSSES[loss]}
     if "jacobian_matching" in LOSSES[loss]:
         cfg["teacher"] = {"model": dict(spec["teacher"], fused=fused), "checkpoint": teacher_path}
@@ -47,7 +49,14 @@ def make_step(model: str, loss: str, fused: bool, teacher_path: str):
     trainer.setup()
     trainer.model.train()
     idx = torch.arange(spec["data"]["batch_size"])
-    return lambda: trainer._step(idx, 0, 0)
+
+    def step():
+        trainer._step(idx, 0, 0)
+        if sync:
+            trainer.log.read(0)
+
+    step.read = lambda: trainer.log.read(0)
+    return step
 
 
 def measure(models=("vgg9", "demo"), repeats: int = 5) -> list[dict]:
