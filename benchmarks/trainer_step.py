@@ -6,7 +6,7 @@ images) and ``demo`` (the demo's student: VGG-4 width 0.25, batch 10 of 1×16×1
 The teacher of ``jacobian_matching`` is an untrained model of the config's teacher architecture, saved to a
 temporary file (its weights do not change the cost). Variants are timed round-robin, median of ``repeats``.
 
-    python -m benchmarks.trainer_step [--repeats 5] [--models vgg9 demo] [--out FILE]
+    python -m benchmarks.trainer_step [--repeats 5] [--models vgg9 demo] [--precision bfloat16] [--sync] [--out FILE]
 """
 from __future__ import annotations
 
@@ -59,13 +59,13 @@ def make_step(model: str, loss: str, fused: bool, teacher_path: str, precision: 
     return step
 
 
-def measure(models=("vgg9", "demo"), repeats: int = 5) -> list[dict]:
+def measure(models=("vgg9", "demo"), repeats: int = 5, precision: str = "float32", sync: bool = False) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             teacher_path = os.path.join(tmp, f"{model}-teacher.pt")
             torch.save(build_model(dict(MODELS[model]["teacher"], fused=False)).state_dict(), teacher_path)
-            steps = {(loss, fused): make_step(model, loss, fused, teacher_path)
+            steps = {(loss, fused): make_step(model, loss, fused, teacher_path, precision, sync)
                      for loss in LOSSES for fused in (False, True)}
             times = {key: [] for key in steps}
             for step in steps.values():  # warm-up
@@ -96,11 +96,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--sync", action="store_true", help="read the logged values on the host after every step")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     load = os.getloadavg()
     text = (f"torch threads {torch.get_num_threads()}, load average at start {load[0]:.2f}, median of "
-            f"{args.repeats}\n\n" + markdown(measure(args.models, args.repeats)))
+            f"{args.repeats}, precision {args.precision}, "
+            f"{'a host sync after every step' if args.sync else 'no host sync'}"
+            f"\n\n" + markdown(measure(args.models, args.repeats, args.precision, args.sync)))
     print(text)
     if args.out:
         with open(args.out, "w") as f:

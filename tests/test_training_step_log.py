@@ -81,13 +81,17 @@ def _count(monkeypatch, method):
     return calls
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-@pytest.mark.parametrize("term", sorted(ALL_TERMS))
-def test_a_training_step_has_no_host_sync(tmp_path, monkeypatch, term, precision):
-    if precision == "bfloat16" and term not in ("ce", "jacobian_norm", "score_matching"):
-        pytest.skip("bfloat16: one term of each kind (plain, input-gradient, float32 trace term)")
+#: every term in float32 with SGD; the other variants on one term of each kind (plain, input-gradient, trace)
+SYNC_CASES = [(term, "float32") for term in sorted(ALL_TERMS)] + [
+    (term, variant) for variant in ("bfloat16", "adam", "accumulate") for term in ("ce", "jacobian_norm", "score_matching")]
+
+
+@pytest.mark.parametrize("term,variant", SYNC_CASES)
+def test_a_training_step_has_no_host_sync(tmp_path, monkeypatch, term, variant):
     steps = _count(monkeypatch, "_step")
-    cfg = term_config(term, tmp_path, precision=precision, **{"data.train_limit": 24})
+    changes = {"bfloat16": {"precision": "bfloat16"}, "adam": {"optim.name": "adam"}, "accumulate": {"accumulate": 2},
+               "float32": {}}[variant]
+    cfg = term_config(term, tmp_path, **{"data.train_limit": 24, **changes})
     Trainer(cfg, str(tmp_path / "run"), progress=False).run()
     assert len(steps) == 3
     for events in steps:
@@ -105,9 +109,11 @@ def test_the_epoch_reads_the_device_once_per_sync_point(tmp_path, monkeypatch, s
     assert [row["steps"] for row in trainer.history] == [5, 5] == [trainer._steps_per_epoch()] * 2
 
 
-def test_sync_every_is_validated():
+def test_sync_every_and_precision_are_validated(tmp_path):
     with pytest.raises(config.ConfigError, match="sync_every"):
-        term_config("ce", ".", sync_every=0)
+        term_config("ce", tmp_path, sync_every=0)
+    with pytest.raises(config.ConfigError, match="precision"):
+        term_config("ce", tmp_path, precision="float16")
 
 
 def _initial_parameters(monkeypatch):
@@ -123,15 +129,18 @@ def _initial_parameters(monkeypatch):
     return snapshot
 
 
-@pytest.mark.parametrize("sync_every", [None, 2])
-def test_huge_weight_is_named_at_step_0_and_no_step_is_taken(tmp_path, monkeypatch, sync_every):
+@pytest.mark.parametrize("sync_every,optim", [(None, "sgd"), (2, "adam")])
+def test_huge_weight_is_named_at_step_0_and_no_step_is_taken(tmp_path, monkeypatch, sync_every, optim):
     initial = _initial_parameters(monkeypatch)
-    cfg = term_config("ce", tmp_path, loss={"ce": 1.0, "jacobian_norm": 1e39}, sync_every=sync_every)
+    cfg = term_config("ce", tmp_path, loss={"ce": 1.0, "jacobian_norm": 1e39}, sync_every=sync_every,
+                      **{"optim.name": optim})
     trainer = Trainer(cfg, str(tmp_path / "run"), progress=False)
     with pytest.raises(NonFiniteLossError, match=r"'jacobian_norm' times its weight 1e\+39 is inf at epoch 0, step 0"):
         trainer.run()
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p, initial[name]), f"{name} was changed by a step with non-finite values"
+    if optim == "adam":  # the skipped steps are not counted either
+        assert all(state["step"] == 0 for state in trainer.optimizer.state.values())
 
 
 def test_non_finite_gradient_of_finite_terms_is_named_and_skipped(tmp_path, monkeypatch):
@@ -151,9 +160,10 @@ def test_non_finite_gradient_of_finite_terms_is_named_and_skipped(tmp_path, monk
         return found
 
     monkeypatch.setattr(StepLog, "record", record)
-    trainer = Trainer(term_config("ce", tmp_path, loss={"ce": 1.0, "steep": 1.0}), str(tmp_path / "run"), progress=False)
-    with pytest.raises(NonFiniteLossError, match=r"a gradient of the loss is nan \(every loss term finite\) at epoch 0, "
-                                                 r"step 2"):
+    cfg = term_config("ce", tmp_path, loss={"ce": 1.0, "steep": 1.0})
+    trainer = Trainer(cfg, str(tmp_path / "run"), progress=False)
+    message = r"a gradient of the loss is not finite \(every loss term finite\) at epoch 0, step 2"
+    with pytest.raises(NonFiniteLossError, match=message):
         trainer.run()
     assert steep.calls == 5  # the epoch ran to its end (read once), its last 3 steps skipped
     assert not torch.equal(seen[1]["features.0.weight"], initial["features.0.weight"])  # step 0 was taken

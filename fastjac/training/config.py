@@ -211,7 +211,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not value > 0:
             raise ConfigError(f"{dotted}: must be positive, got {value!r}")
     if cfg.sync_every is not None and cfg.sync_every < 1:
-        raise ConfigError(f"sync_every: must be a positive number of steps or null (once per epoch), got {cfg.sync_every!r}")
+        raise ConfigError(f"sync_every: must be a positive number of steps or null (once per epoch), "
+                          f"got {cfg.sync_every!r}")
     if cfg.data.epoch_size is not None and cfg.data.epoch_size < 1:
         raise ConfigError(f"data.epoch_size: must be a positive integer or null, got {cfg.data.epoch_size!r}")
     for dotted in ("data.per_class", "data.train_limit", "data.test_limit"):

@@ -54,9 +54,10 @@ class StepLog:
             labels += [f"loss term {name!r} is {{}}" for name, _ in terms]
             labels += [f"loss term {name!r} times its weight {weight:g} is {{}}" for name, weight in terms]
             labels.append("the total loss is {} (every weighted term finite)")
-        labels.append("a gradient of the loss is {} (every loss term finite)")
+        labels.append("a gradient of the loss is not finite (every loss term finite)")
         self.labels = labels
         self._codes = torch.arange(len(labels), device=self.device, dtype=torch.float64) * 3
+        self._one = torch.ones((), device=self.device)
         self.begin_epoch()
 
     def begin_epoch(self) -> None:
@@ -71,11 +72,10 @@ class StepLog:
         the weighted sum) and check it; returns ``found_inf`` (float 0-dim, 1.0 once anything was non-finite)."""
         logged = torch.stack([torch.stack(list(t) + [total]) for t, total in zip(terms, totals)]).double()
         self.sums += (logged / self.chunks).sum(0)
-        grad_max = torch.stack(torch._foreach_norm(grads, math.inf)).max() if grads else totals[0].new_zeros(())
         checks = []
         for t, w, total in zip(terms, weighted, totals):
             checks += list(t) + list(w) + [total]
-        values = torch.stack(checks + [grad_max.to(checks[0].dtype)]).double()
+        values = torch.stack(checks + [self._gradient_check(grads)]).double()
         kind = torch.where(torch.isnan(values), 0.0, torch.where(values > 0, 1.0, 2.0))
         keys = torch.where(torch.isfinite(values), math.inf, self._codes + kind + step * 3.0 * len(self.labels))
         torch.minimum(self.failure, keys.min(), out=self.failure)
@@ -83,6 +83,17 @@ class StepLog:
             dist.all_reduce(self.failure, op=dist.ReduceOp.MIN)
         self.steps += 1
         return torch.isfinite(self.failure).float()
+
+    def _gradient_check(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """0, or nan if any gradient element is not finite: GradScaler's multi-tensor check (unscale by 1, exact;
+        one read and write of the gradients, no false alarm for large finite values)."""
+        found = torch.zeros((), device=self.device)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for group in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, self._one)
+        return torch.where(found > 0, math.nan, 0.0)
 
     def guarded_step(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
         """``optimizer.step()``, a no-op on the device where ``found_inf`` is 1 (fused optimisers only)."""
