@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastjac.training import config, terms
 from fastjac.training.step_log import StepLog
-from fastjac.training.trainer import NonFiniteLossError, Trainer
+from fastjac.training.trainer import DivergenceWarning, NonFiniteLossError, Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -216,3 +216,17 @@ def test_progress_shows_steps_and_the_running_loss_at_sync_points(tmp_path, monk
     assert [p["epoch"] for _, p in bar.postfixes] == ["1/2"] * 3 + ["2/2"] * 3
     assert all(0 < float(p["loss"]) < 10 for _, p in bar.postfixes)
     assert float(bar.postfixes[2][1]["loss"]) == pytest.approx(trainer.history[0]["train_loss"], abs=1e-3)
+
+
+def test_a_diverging_loss_is_reported(tmp_path, monkeypatch):
+    """A finite loss that grows by three orders of magnitude after the first epoch: one warning, naming both."""
+    def growing(ctx):  # 1 in epoch 0 (5 steps), 1e4 from epoch 1 on
+        growing.calls += 1
+        return ctx.logits.sum() * 0.0 + (1.0 if growing.calls <= 5 else 1e4)
+    growing.calls = 0
+    monkeypatch.setitem(terms.TERMS, "growing", terms.Term(growing))
+    cfg = term_config("ce", tmp_path, loss={"ce": 1.0, "growing": 1.0}, epochs=3)
+    message = r"grew from 3\.\d+ \(epoch 0\) to 1e\+04 \(epoch 1\), 2\.\de\+03 times"  # ce ≈ 2.3 plus 1
+    with pytest.warns(DivergenceWarning, match=message) as seen:
+        Trainer(cfg, str(tmp_path / "run"), progress=False).run()
+    assert len([w for w in seen if w.category is DivergenceWarning]) == 1

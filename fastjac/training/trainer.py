@@ -36,6 +36,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,30 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
     ``multistep`` with one milestone)."""
     milestones = cfg.schedule.milestones if cfg.schedule.name == "multistep" else []
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.schedule.gamma)
+
+
+class DivergenceWarning(RuntimeWarning):
+    """The train loss grew by orders of magnitude (:data:`DIVERGENCE` times its first epoch's)."""
+
+
+#: How many times its first epoch's magnitude an epoch's train loss may reach before the run warns.
+DIVERGENCE = 1e3
+
+#: Config fields added after checkpoints were first written, with the value those runs had.
+_NEW_FIELDS = {"precision": "float32", "sync_every": None}
+#: Config fields a resumed run may change: they change no result.
+_RESULT_NEUTRAL = ("sync_every",)
+
+
+def _keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of a checkpoint written with a non-fused optimiser: fused again (its groups
+    carry the old flags), Adam's step counts on the parameters' device as the fused kernels need."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(p.device, torch.float32)
 
 
 def _distributed() -> tuple[int, int]:
@@ -238,7 +263,8 @@ class Trainer:
 
     def _restore(self) -> None:
         state = ckpt_io.load(self.ckpt_path)
-        diff = ckpt_io.config_differences(state["config"], self.cfg.to_dict())
+        saved = {**_NEW_FIELDS, **state["config"]}  # checkpoints written before these fields existed
+        diff = [d for d in ckpt_io.config_differences(saved, self.cfg.to_dict()) if d not in _RESULT_NEUTRAL]
         if diff:
             raise ckpt_io.CheckpointError(
                 f"checkpoint {self.ckpt_path!r} was written by a different config (fields {diff}); "
@@ -247,6 +273,7 @@ class Trainer:
             raise ckpt_io.CheckpointError(f"checkpoint {self.ckpt_path!r}: training subset differs from this run's")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _keep_fused(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"], self.generators)
         self.history = state["history"]
@@ -382,6 +409,19 @@ class Trainer:
                     bar.set_postfix(self._postfix(epoch, running["loss"]))
         return self.log.read(epoch) if self.log.steps else {}
 
+    def _check_divergence(self, row: dict) -> None:
+        """Warn (once a run) when the epoch's train loss is :data:`DIVERGENCE` times the first epoch's or more."""
+        first = next((r for r in self.history if "train_loss" in r), None)
+        if first is None or "train_loss" not in row or getattr(self, "_warned", False):
+            return
+        ratio = abs(row["train_loss"]) / max(abs(first["train_loss"]), 1e-30)
+        if ratio >= DIVERGENCE:
+            self._warned = True
+            warnings.warn(f"run {self.cfg.name!r}: the train loss grew from {first['train_loss']:.3g} (epoch "
+                          f"{first['epoch']}) to {row['train_loss']:.3g} (epoch {row['epoch']}), {ratio:.1e} times: "
+                          "the run is diverging; lower the learning rate or the loss weights", DivergenceWarning,
+                          stacklevel=2)
+
     def _steps_per_epoch(self) -> int:
         """How many batches :meth:`_batches` yields (short batches that BatchNorm cannot use are dropped)."""
         n, bs, size = len(self.train_y), self.cfg.data.batch_size, self.cfg.data.epoch_size
@@ -431,6 +471,7 @@ class Trainer:
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.log.steps,
                    "train_seconds": train_seconds}
             row.update({f"train_{k}": v for k, v in means.items()})
+            self._check_divergence(row)
             self.scheduler.step()
             if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
                 row.update(self.evaluate())
