@@ -300,10 +300,14 @@ class Trainer:
         x = self.train_x[idx]
         if d.augment:
             x = data_io.augment(x, self.generators["augment"], d.crop_padding, d.flip)
-        x, y = data_io.normalize(x, d.dataset), self.train_y[idx]
-        if self.device.type == "cuda":  # a pageable host-to-device copy would wait for the queued kernels
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        return self._to_device(data_io.normalize(x, d.dataset)), self._to_device(self.train_y[idx])
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the training device; to a GPU through pinned memory, asynchronously (a copy from pageable
+        memory would wait for the queued kernels)."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def _chunks(self, x, y):
         """This rank's micro-batches of a global batch: world × accumulate contiguous chunks."""
@@ -359,16 +363,17 @@ class Trainer:
             model = copy.deepcopy(self.model).train()
         else:
             model.eval()
-        correct, loss, bs = 0, 0.0, self.cfg.data.eval_batch_size
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, summed loss: read once
+        bs = self.cfg.data.eval_batch_size
         for start in range(0, len(self.test_y), bs):
             x = self.test_x[start:start + bs]
             if noise_std:
                 x = x + noise_std * torch.randn(x.shape, generator=generator)
-            y = self.test_y[start:start + bs].to(self.device)
-            out = model(x.to(self.device))
-            correct += int((out.argmax(1) == y).sum())
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            x, y = self._to_device(x), self._to_device(self.test_y[start:start + bs])
+            out = model(x)
+            sums += torch.stack([(out.argmax(1) == y).sum().double(), F.cross_entropy(out, y, reduction="sum").double()])
         self.model.train()
+        correct, loss = sums.tolist()
         n = max(len(self.test_y), 1)
         return {"test_acc": 100.0 * correct / n, "test_loss": loss / n}
 
