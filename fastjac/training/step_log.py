@@ -6,13 +6,14 @@ weight, the weighted total) and the gradients. On the device, the log
 
 - adds the step's logged values (term means over micro-batches, and the total ``loss``) to float64
   accumulators (the same float64 sums the host used to make, so the logged numbers are unchanged);
-- checks every value and the gradients for finiteness and keeps the first failure of the epoch as one float64
+- checks every value, and the gradients (GradScaler's multi-tensor check), for finiteness and keeps the first failure of the epoch as one float64
   *key* ``(step · codes + code) · 3 + kind`` (``code``: which value, ``kind``: nan, +inf or -inf), the
   minimum over all failures, so a later failure never hides an earlier one; under DDP the key is
   all-reduced (MIN) every step (a collective, not a host sync), so all ranks agree;
 - makes the optimiser step conditional on the device: it sets the optimiser's ``found_inf`` (the fused
   optimisers' AMP mechanism, :class:`torch.amp.GradScaler` uses the same), so a step whose values or
-  gradients are not all finite, and every step after it, changes no parameter and no optimiser state.
+  gradients are not all finite, and every step after it, changes no parameter and no moment estimate or step
+  count (a skipped first step of SGD with momentum leaves its buffers allocated but unwritten; the run stops).
 
 :meth:`StepLog.read` copies everything to the host in one transfer (the only sync: every ``sync_every``
 steps and at the end of each epoch), averages over DDP ranks, and raises :class:`NonFiniteLossError` naming
