@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import fastjac
-
-from .models import vgg9_bn
+from fastjac.training.models import build_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("torch", "fastjac")
@@ -226,7 +225,7 @@ def convert_available() -> bool:
 
 def make_vgg_model(variant: str, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = vgg9_bn(100).to(device)
+    model = build_model({"arch": "vgg9", "num_classes": 100, "fused": False}).to(device)
     if variant == "jac_fastjac":
         if not convert_available():
             raise RuntimeError("fastjac.convert is not available in this checkout")

@@ -6,7 +6,8 @@ images) and ``demo`` (the demo's student: VGG-4 width 0.25, batch 10 of 1×16×1
 The teacher of ``jacobian_matching`` is an untrained model of the config's teacher architecture, saved to a
 temporary file (its weights do not change the cost). Variants are timed round-robin, median of ``repeats``.
 
-    python -m benchmarks.trainer_step [--repeats 5] [--models vgg9 demo] [--out FILE]
+    python -m benchmarks.trainer_step [--repeats 5] [--models vgg9 demo] [--precision bfloat16] [--sync]
+        [--device cuda] [--batch-size 128] [--block 10] [--out FILE]
 """
 from __future__ import annotations
 
@@ -36,36 +37,55 @@ for _mode in ("frozen", "live"):
     LOSSES[f"CE + Jacobian matching ({_mode})"] = {"ce": 1.0, "jacobian_matching": {"weight": 1.0, "batch_norm": _mode}}
 
 
-def make_step(model: str, loss: str, fused: bool, teacher_path: str):
-    """``step()`` running one ``Trainer._step`` of the variant on a fixed batch of training digits."""
+def make_step(model: str, loss: str, fused: bool, teacher_path: str, precision: str = "float32", sync: bool = False,
+              device: str = "cpu", batch_size: int | None = None):
+    """``step()`` running one ``Trainer._step`` of the variant on a fixed batch of training digits on ``device``;
+    ``sync``: and read the logged values on the host after it (what ``sync_every: 1`` does). ``step.read()``
+    returns the means of the logged values so far (raising if one was non-finite)."""
     spec = MODELS[model]
-    cfg = {"name": f"{model}/{loss}", "epochs": 1, "model": dict(spec["model"], fused=fused),
-           "data": spec["data"], "optim": {"name": "sgd", "lr": 0.01}, "loss": LOSSES[loss]}
+    data = dict(spec["data"], batch_size=batch_size or spec["data"]["batch_size"])
+    cfg = {"name": f"{model}/{loss}", "epochs": 1, "model": dict(spec["model"], fused=fused), "precision": precision,
+           "data": data, "optim": {"name": "sgd", "lr": 0.01}, "loss": LOSSES[loss]}
     if "jacobian_matching" in LOSSES[loss]:
         cfg["teacher"] = {"model": dict(spec["teacher"], fused=fused), "checkpoint": teacher_path}
-    trainer = Trainer(config_io.from_mapping(cfg), tempfile.mkdtemp(prefix="fastjac-bench-"), progress=False)
+    trainer = Trainer(config_io.from_mapping(cfg), tempfile.mkdtemp(prefix="fastjac-bench-"), device=device,
+                      progress=False)
     trainer.setup()
     trainer.model.train()
-    idx = torch.arange(spec["data"]["batch_size"])
-    return lambda: trainer._step(idx, 0, 0)
+    idx = torch.arange(data["batch_size"])
+
+    def step():
+        trainer._step(idx, 0, 0)
+        if sync:
+            trainer.log.read(0)
+
+    step.read = lambda: trainer.log.read(0)
+    return step
 
 
-def measure(models=("vgg9", "demo"), repeats: int = 5) -> list[dict]:
+def measure(models=("vgg9", "demo"), repeats: int = 5, precision: str = "float32", sync: bool = False,
+            device: str = "cpu", batch_size: int | None = None, block: int = 1) -> list[dict]:
+    """Median milliseconds per step of every variant; a sample times ``block`` consecutive steps and then waits
+    for the device (so steps without a host sync can overlap, as in training)."""
+    wait = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             teacher_path = os.path.join(tmp, f"{model}-teacher.pt")
             torch.save(build_model(dict(MODELS[model]["teacher"], fused=False)).state_dict(), teacher_path)
-            steps = {(loss, fused): make_step(model, loss, fused, teacher_path)
+            steps = {(loss, fused): make_step(model, loss, fused, teacher_path, precision, sync, device, batch_size)
                      for loss in LOSSES for fused in (False, True)}
             times = {key: [] for key in steps}
             for step in steps.values():  # warm-up
                 step()
             for _ in range(repeats):
                 for key, step in steps.items():
+                    wait()
                     t0 = time.perf_counter()
-                    step()
-                    times[key].append(time.perf_counter() - t0)
+                    for _ in range(block):
+                        step()
+                    wait()
+                    times[key].append((time.perf_counter() - t0) / block)
             med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
             for loss in LOSSES:
                 rows.append({"model": model, "loss": loss, "plain_ms": med[(loss, False)], "fused_ms": med[(loss, True)],
@@ -87,11 +107,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--sync", action="store_true", help="read the logged values on the host after every step")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="instead of the model's (vgg9 64, demo 10)")
+    parser.add_argument("--block", type=int, default=1, help="consecutive steps per timed sample")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     load = os.getloadavg()
     text = (f"torch threads {torch.get_num_threads()}, load average at start {load[0]:.2f}, median of "
-            f"{args.repeats}\n\n" + markdown(measure(args.models, args.repeats)))
+            f"{args.repeats}, precision {args.precision}, "
+            f"{'a host sync after every step' if args.sync else 'no host sync'}, device {args.device}, "
+            f"{args.block} steps per sample\n\n"
+            + markdown(measure(args.models, args.repeats, args.precision, args.sync, args.device, args.batch_size,
+                               args.block)))
     print(text)
     if args.out:
         with open(args.out, "w") as f:

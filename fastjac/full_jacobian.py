@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from . import nn as fnn
+from ._device_checks import assert_in_range
 
 __all__ = ["FullJacobian", "full_jacobian"]
 
@@ -248,8 +249,8 @@ def _check_target(target, output: Tensor) -> Tensor:
         raise ValueError(
             f"full_jacobian: target must have shape ({n},) (one class per sample), got {tuple(target.shape)}"
         )
-    if n and (target.min() < 0 or target.max() >= k):
-        raise ValueError(f"full_jacobian: target classes must lie in [0, {k}), got {target.tolist()}")
+    if n:
+        assert_in_range(target, k, lambda: f"full_jacobian: target classes must lie in [0, {k}), got {target.tolist()}")
     return target.to(device=output.device, dtype=torch.long)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from ._device_checks import assert_in_range
 from .batch_norm_stats import BatchNormStats, record_batch_norm_stats
 from .nn.one_pass import why_not_one_pass
 from .ops.frozen_backward import FrozenBackward
@@ -100,9 +101,9 @@ def _check_target(target, n: int, k: int) -> Tensor:
     if not isinstance(target, Tensor) or target.dtype != torch.long or tuple(target.shape) != (n,):
         got = f"{target.dtype} tensor of shape {tuple(target.shape)}" if isinstance(target, Tensor) else repr(target)
         raise ValueError(f"fastjac.input_jacobian: target must be a LongTensor of shape ({n},) (one class per sample), got {got}")
-    if n and (int(target.min()) < 0 or int(target.max()) >= k):
-        raise ValueError(f"fastjac.input_jacobian: target values must lie in [0, {k}) (the model has {k} outputs), got min "
-                         f"{int(target.min())}, max {int(target.max())}")
+    if n:
+        assert_in_range(target, k, lambda: f"fastjac.input_jacobian: target values must lie in [0, {k}) (the model has "
+                                           f"{k} outputs), got min {int(target.min())}, max {int(target.max())}")
     return target
 
 

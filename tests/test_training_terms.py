@@ -5,49 +5,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _training_config import ALL_TERMS, term_batch, term_models
 
 import fastjac
 from fastjac.training import terms
 from fastjac.training.models import build_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _pair(fused=False, seed=0):
-    torch.manual_seed(seed)
-    student = build_model({"arch": "vgg4", "num_classes": 5, "in_channels": 1, "fused": fused})
-    teacher = build_model({"arch": "vgg4", "num_classes": 5, "in_channels": 1, "fused": fused}).eval()
-    for model in (student, teacher):  # non-trivial BatchNorm parameters and running statistics
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                with torch.no_grad():
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.5, 0.5)
-                    m.running_mean.uniform_(-0.2, 0.2)
-                    m.running_var.uniform_(0.5, 1.5)
-    return student, teacher
-
-
-def _batch(n=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 5, (n,), generator=g)
-
-
-ALL_TERMS = {
-    "ce": {},
-    "activation_matching": {},
-    "jacobian_matching": {"normalize": True},
-    "jacobian_norm": {"form": "cross_entropy"},
-    "attention_matching": {"student_layer": "features.3", "teacher_layer": "features.3"},
-    "attention_jacobian": {"student_layer": "features.3", "teacher_layer": "features.3", "window": 0.5},
-    "bias_jacobian_matching": {"student_layers": ["features.1", "features.5"], "teacher_layers": ["features.1", "features.5"]},
-    "bias_jacobian_norm": {"layers": ["features.9"]},
-    "score_matching": {"mu": 1e-3, "sigma": 0.05},
-    "score_matching_cv": {"mu": 1e-3, "sigma": 0.05, "control_variate": True},
-    "anti_score_matching": {"tau": 10.0, "sigma": 0.05},
-    "gradient_norm": {},
-    "bias_decay": {"layers": ["features.1"]},
-}
 
 
 def _value(term, options, student, teacher, x, y):
@@ -62,14 +26,14 @@ def _value(term, options, student, teacher, x, y):
 
 @pytest.mark.parametrize("term", sorted(ALL_TERMS))
 def test_running_stats_updated_once_and_gradients_flow(term):
-    student, teacher = _pair()
-    x, y = _batch()
+    student, teacher = term_models()
+    x, y = term_batch()
     value = _value(term, ALL_TERMS[term], student, teacher, x, y)
     assert value.dim() == 0 and torch.isfinite(value)
     value.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
-    ref = copy.deepcopy(_pair()[0])
+    ref = copy.deepcopy(term_models()[0])
     ref(x)  # one ordinary training forward
     for (name, a), b in zip(student.named_buffers(), ref.buffers()):
         assert torch.equal(a, b), f"{term}: buffer {name} differs from one forward's update"
@@ -79,11 +43,11 @@ def test_running_stats_updated_once_and_gradients_flow(term):
 def test_fused_and_plain_models_give_the_same_term_and_gradients(term):
     """In float64, so that the finite-difference trace estimators (rounding amplified by 1/sigma^2) compare
     the two implementations and not float32 rounding."""
-    x, y = _batch()
+    x, y = term_batch()
     x = x.double()
     results = []
     for fused in (False, True):
-        student, teacher = (m.double() for m in _pair(fused))
+        student, teacher = (m.double() for m in term_models(fused))
         value = _value(term, ALL_TERMS[term], student, teacher, x, y)
         value.backward()
         results.append((value.detach(), [p.grad.clone() if p.grad is not None else None for p in student.parameters()]))
@@ -101,7 +65,7 @@ def test_frozen_rows_are_per_sample_jacobians_and_live_rows_are_not():
     batch's statistics held fixed; batch_norm: live rows are those of the batch sum (cross-sample terms)."""
     torch.manual_seed(0)
     student = build_model({"arch": "vgg4", "num_classes": 5, "in_channels": 1, "fused": False}).double()
-    x, y = _batch()
+    x, y = term_batch()
     x = x.double()
     ctx = terms.context(student, None, x.clone(), y, terms.parse({"jacobian_norm": 1.0}))
     frozen = ctx.input_grad("logits", "label", "frozen")
@@ -120,9 +84,9 @@ def test_frozen_rows_are_per_sample_jacobians_and_live_rows_are_not():
 
 
 def test_term_values_match_the_library_in_eval_mode():
-    student, teacher = _pair()
+    student, teacher = term_models()
     student.eval()
-    x, y = _batch()
+    x, y = term_batch()
     # Jacobian matching: label rows, Prop. 1 squared error
     xs = x.clone().requires_grad_()
     (js,) = torch.autograd.grad(student(xs).gather(1, y[:, None]).sum(), xs)
@@ -144,8 +108,8 @@ def test_term_values_match_the_library_in_eval_mode():
 def test_unknown_options_and_layers_are_named():
     with pytest.raises(ValueError, match="loss.jacobian_norm: unknown option"):
         terms.parse({"jacobian_norm": {"weight": 1.0, "froms": "x"}})
-    student, teacher = _pair()
-    x, y = _batch()
+    student, teacher = term_models()
+    x, y = term_batch()
     with pytest.raises(Exception, match="features.99"):
         _value("attention_matching", {"student_layer": "features.99", "teacher_layer": "features.3"}, student, teacher, x, y)
     with pytest.raises(ValueError, match="batch_norm"):
@@ -164,8 +128,8 @@ def test_frozen_penalty_is_differentiated_through_the_statistics(fused):
     so BatchNorm's scale invariance holds: scaling the convolution before a BatchNorm leaves the penalty
     unchanged and its gradient has no component along that convolution's weights. ``frozen_constant`` (the
     statistics a stop-gradient) has the same value but misses that dependence."""
-    student = _pair(fused=fused)[0].double().train()
-    x, y = _batch()
+    student = term_models(fused=fused)[0].double().train()
+    x, y = term_batch()
     x = x.double()
     params = [p for p in student.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(7)
@@ -205,9 +169,9 @@ def test_frozen_penalty_is_differentiated_through_the_statistics(fused):
 
 
 def test_frozen_needs_differentiable_statistics():
-    student = _pair()[0].train()
+    student = term_models()[0].train()
     with fastjac.record_batch_norm_stats(student) as stats:
-        student(_batch()[0])
+        student(term_batch()[0])
     with pytest.raises(ValueError, match="differentiable=True"):
         with stats.frozen(differentiable=True):
             pass

@@ -38,23 +38,26 @@ def _history(run_dir):
         return [{k: v for k, v in json.loads(line).items() if not k.endswith("seconds")} for line in f]
 
 
-def test_resume_is_bit_identical(tmp_path, monkeypatch):
-    cfg = _cfg(**{"model.dropout": 0.3})
-    Trainer(cfg, str(tmp_path / "full"), progress=False).run()
-
-    # kill the second run in the middle of epoch 2 (after epoch 1's checkpoint)
+def _killed_run(cfg, run_dir, monkeypatch, epoch):
+    """Run ``cfg`` into ``run_dir`` and kill it in the middle of ``epoch`` (after the previous checkpoint)."""
     original = Trainer._step
 
-    def dying(self, idx, epoch, step):
-        if epoch == 2 and step == 1:
+    def dying(self, idx, at_epoch, step):
+        if at_epoch == epoch and step == 1:
             raise KeyboardInterrupt("killed")
-        return original(self, idx, epoch, step)
+        return original(self, idx, at_epoch, step)
 
     monkeypatch.setattr(Trainer, "_step", dying)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, str(tmp_path / "killed"), progress=False).run()
-    assert ckpt_io.load(str(tmp_path / "killed" / "checkpoint.pt"))["epoch"] == 1
+        Trainer(cfg, str(run_dir), progress=False).run()
     monkeypatch.setattr(Trainer, "_step", original)
+    assert ckpt_io.load(str(run_dir / "checkpoint.pt"))["epoch"] == epoch - 1
+
+
+def test_resume_is_bit_identical(tmp_path, monkeypatch):
+    cfg = _cfg(**{"model.dropout": 0.3})
+    Trainer(cfg, str(tmp_path / "full"), progress=False).run()
+    _killed_run(cfg, tmp_path / "killed", monkeypatch, epoch=2)
     with pytest.raises(ckpt_io.CheckpointError, match="--resume"):
         Trainer(cfg, str(tmp_path / "killed"), progress=False).run()
     Trainer(cfg, str(tmp_path / "killed"), progress=False).run(resume=True)
@@ -64,6 +67,23 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     assert _history(tmp_path / "full") == _history(tmp_path / "killed")
+
+
+def test_checkpoint_of_an_earlier_version_resumes(tmp_path, monkeypatch):
+    """A checkpoint without the ``precision`` and ``sync_every`` fields, of a non-fused Adam, resumes (fused) and
+    ends as the uninterrupted run; a resumed run may change ``sync_every``."""
+    cfg = _cfg(epochs=2, **{"optim.name": "adam"})
+    Trainer(cfg, str(tmp_path / "full"), progress=False).run()
+    _killed_run(cfg, tmp_path / "old", monkeypatch, epoch=1)
+    path = str(tmp_path / "old" / "checkpoint.pt")
+    state = ckpt_io.load(path)
+    del state["config"]["precision"], state["config"]["sync_every"]
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    ckpt_io.save_atomic(state, path)
+    Trainer(_cfg(epochs=2, sync_every=3, **{"optim.name": "adam"}), str(tmp_path / "old"), progress=False).run(resume=True)
+    full, resumed = _state(tmp_path / "full"), _state(tmp_path / "old")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_corrupt_or_mismatched_checkpoint_is_an_error(tmp_path):
@@ -158,7 +178,7 @@ def test_cli_run_table_plot(tmp_path):
 def test_ddp_matches_single_process_accumulation(tmp_path):
     """2 gloo processes, each half of every global batch, against one process with accumulate=2 (the same
     BatchNorm batch statistics), with a double-backward loss (Jacobian norm): equal parameters up to float
-    reduction order."""
+    reduction order, and equal logged losses (averaged over the ranks)."""
     common = ["--no-progress", "--set", "sweep=null", "--set", "teacher=null", "--set", "epochs=1",
               "--set", "data.per_class=10", "--set", "optim.name=sgd", "--set", "optim.lr=0.05",
               "--set", "loss={ce: 1.0, jacobian_norm: {weight: 0.1, form: cross_entropy}}"]
@@ -180,3 +200,8 @@ def test_ddp_matches_single_process_accumulation(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
             moved += not torch.allclose(a[k], before[k])
     assert moved > 0
+    # the logged train loss of the DDP run is averaged over the ranks: that of the whole batch
+    single_rows, ddp_rows = (_history(tmp_path / run / "smoke_digits/pc10/seed0") for run in ("single", "ddp"))
+    for one, two in zip(single_rows, ddp_rows, strict=True):
+        for key in ("train_loss", "train_ce", "train_jacobian_norm"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), key

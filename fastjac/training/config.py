@@ -127,6 +127,10 @@ class RunConfig:
     deterministic: bool = False                       # torch.use_deterministic_algorithms
     accumulate: int = 1                               # micro-batches per step (emulates DDP ranks' BN)
     eval_every: int = 1                               # test evaluation every N epochs (and after the last)
+    precision: str = "float32"                        # float32 | bfloat16: autocast of the training forward
+                                                      # and loss terms; parameters and optimiser stay float32
+    sync_every: Optional[int] = None                  # read the logged losses and finiteness flags on the
+                                                      # host every N steps (None: once, at the epoch's end)
     description: str = ""
 
     def to_dict(self) -> dict:
@@ -188,6 +192,7 @@ _CHOICES = {
     "data.dataset": ("cifar10", "cifar100", "mit_indoor", "imagenet", "digits"),
     "optim.name": ("adam", "sgd"),
     "schedule.name": ("constant", "multistep"),
+    "precision": ("float32", "bfloat16"),
 }
 
 
@@ -205,6 +210,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     for dotted, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{dotted}: must be positive, got {value!r}")
+    if cfg.sync_every is not None and cfg.sync_every < 1:
+        raise ConfigError(f"sync_every: must be a positive number of steps or null (once per epoch), "
+                          f"got {cfg.sync_every!r}")
     if cfg.data.epoch_size is not None and cfg.data.epoch_size < 1:
         raise ConfigError(f"data.epoch_size: must be a positive integer or null, got {cfg.data.epoch_size!r}")
     for dotted in ("data.per_class", "data.train_limit", "data.test_limit"):

@@ -16,7 +16,8 @@ stop-gradient variant that fails on digits E2. Every extra pass
 (frozen, perturbed, feature-only, full-Jacobian) uses the clean batch's statistics and updates no running
 statistics (:mod:`fastjac.batch_norm_stats`), so they are updated once per step. The full-Jacobian and
 attention-Jacobian passes use the statistics as constants (their E3-E5 behaviour is unchanged).
-Teachers run in eval mode without a graph.
+Teachers run in eval mode without a graph. Under mixed precision the trace terms (score and anti-score
+matching) run in float32: their finite differences of bf16 outputs would be rounding noise.
 """
 from __future__ import annotations
 
@@ -156,9 +157,9 @@ SPECS: dict[str, dict] = {
     "bias_jacobian_matching": dict(fn=bias_jacobian_matching, needs_teacher=True, extra_passes=True,
         options=("student_layers", "teacher_layers", "classes")),
     "bias_jacobian_norm": dict(fn=bias_jacobian_norm, extra_passes=True, options=("layers",)),
-    "score_matching": dict(fn=score_matching, needs_input_grad=True, extra_passes=True,
+    "score_matching": dict(fn=score_matching, needs_input_grad=True, extra_passes=True, autocast=False,
         options=("mu", "sigma", "method", "samples", "batch_norm", "control_variate")),
-    "anti_score_matching": dict(fn=anti_score_matching, needs_input_grad=True, extra_passes=True,
+    "anti_score_matching": dict(fn=anti_score_matching, needs_input_grad=True, extra_passes=True, autocast=False,
         options=("tau", "sigma", "method", "samples", "batch_norm", "control_variate")),
     "gradient_norm": dict(fn=gradient_norm, needs_input_grad=True, options=("batch_norm",),
         first_derivative_only=True),

@@ -43,7 +43,8 @@ BATCH_NORM_MODES = ("frozen", "frozen_constant", "live")
 @dataclass
 class Term:
     """A loss term: ``fn(ctx, **options)``; what it needs from the step (teacher, input gradient, features of
-    the layers named by its ``*_layer(s)`` options, BatchNorm statistics for extra passes)."""
+    the layers named by its ``*_layer(s)`` options, BatchNorm statistics for extra passes). ``autocast``:
+    False for terms that must run in float32 under mixed precision (finite differences of the outputs)."""
 
     fn: Callable[..., torch.Tensor]
     needs_teacher: bool = False
@@ -52,6 +53,7 @@ class Term:
     extra_passes: bool = False
     first_derivative_only: bool = False  # uses the input gradient only in the loss (not differentiated in x)
     allows_negative: bool = False   # a negative weight is meaningful (otherwise it maximises the term: an error)
+    autocast: bool = True
 
 
 class StepContext:
@@ -60,7 +62,9 @@ class StepContext:
     The student's clean forward runs once (through DDP when wrapped), capturing the features of
     ``student_layers`` and, when a term runs extra forward passes, the BatchNorm batch statistics
     (:func:`fastjac.record_batch_norm_stats`), so that extra passes use the clean batch's statistics and
-    update no running statistics. The teacher runs in eval mode without a graph.
+    update no running statistics. The teacher runs in eval mode without a graph. Under ``torch.autocast``
+    the extra passes and input-gradients are cached per autocast state, so a float32 term (``Term.autocast``)
+    never reuses a bfloat16 pass.
     """
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, *,
@@ -91,7 +95,11 @@ class StepContext:
             raise ValueError("this loss term needs a teacher: set `teacher` in the config")
         return self.teacher
 
+    def _amp(self) -> bool:
+        return torch.is_autocast_enabled(self.x.device.type)
+
     def _run(self) -> None:
+        self._logits_amp = self._amp()
         with contextlib.ExitStack() as stack:
             if self.student_layers:
                 self.features = stack.enter_context(capture_features(self.module, self.student_layers))
@@ -162,23 +170,28 @@ class StepContext:
         if batch_norm not in BATCH_NORM_MODES:
             raise ValueError(f"batch_norm must be one of {', '.join(BATCH_NORM_MODES)}; got {batch_norm!r}")
         self.logits  # noqa: B018 - the clean pass (records the statistics)
-        if batch_norm == "live" or (batch_norm == "frozen" and self.switch is not None) or not self.bn_stats:
+        clean = batch_norm == "live" or (batch_norm == "frozen" and self.switch is not None) or not self.bn_stats
+        if clean and self._amp() == self._logits_amp:
             return self.x, self._logits, self.matched_logits
-        if batch_norm not in self._grads:
+        if clean and (self.bn_stats or self.switch is not None):
+            raise ValueError(f"batch_norm {batch_norm!r} differentiates the clean pass, which ran under autocast, but "
+                             "this term runs in float32: use an extra-pass batch_norm mode or precision float32")
+        key = (batch_norm, self._amp())
+        if key not in self._grads:
             xf = self.x.detach().requires_grad_(True)
             with self.frozen(batch_norm):
                 if hasattr(self.module, "both"):
                     logits, aux = self.module(xf, both=True)
                 else:
                     logits = aux = self.module(xf)
-            self._grads[batch_norm] = (xf, logits, aux)
-        return self._grads[batch_norm]
+            self._grads[key] = (xf, logits, aux)
+        return self._grads[key]
 
     def input_grad(self, output: str, which: str, batch_norm: str = "frozen") -> torch.Tensor:
         """``∇ₓ Σ_n out[n, c_n]`` with ``create_graph=True`` (``output``: ``"matched"`` logits, ``"logits"`` of
         the target head, or ``"log_softmax"`` of the target head; ``which``: :meth:`classes`) on the pass of
         :meth:`differentiable_pass`; cached."""
-        key = (output, which, batch_norm)
+        key = (output, which, batch_norm, self._amp())
         if key not in self._grads:
             x, logits, matched = self.differentiable_pass(batch_norm)
             out = matched if output == "matched" else logits
@@ -250,6 +263,23 @@ def parse(loss_cfg: dict[str, Any]) -> list[tuple[str, float, dict]]:
     if not any(w != 0 for _, w, _ in out):
         raise ValueError(f"loss: at least one term needs a non-zero weight, got {loss_cfg!r}")
     return out
+
+
+def evaluate(ctx: StepContext, name: str, options: dict) -> torch.Tensor:
+    """Term ``name`` on ``ctx`` as a float32 value; a term with ``autocast=False`` runs with autocast off."""
+    term = TERMS[name]
+    if term.autocast:
+        return term.fn(ctx, **options).float()
+    with torch.autocast(ctx.x.device.type, enabled=False):
+        return term.fn(ctx, **options).float()
+
+
+def check_precision(terms: list[tuple[str, float, dict]]) -> None:
+    """Mixed precision: a float32 term (``autocast=False``) cannot differentiate the bfloat16 clean pass."""
+    for name, weight, options in terms:
+        if weight and not TERMS[name].autocast and options.get("batch_norm") == "live":
+            raise ValueError(f"loss.{name}.batch_norm: 'live' differentiates the clean (bfloat16) pass, but "
+                             f"{name} runs in float32 (finite differences); use 'frozen' or precision float32")
 
 
 def context(model, teacher, x, y, terms: list[tuple[str, float, dict]]) -> StepContext:

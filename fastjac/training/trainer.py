@@ -7,7 +7,20 @@ config, subset indices, metrics so far), ``model.pt`` (final weights) and ``resu
 
 Exactness: data order and augmentation come from their own seeded generators, saved in the checkpoint
 with every other RNG state, so ``resume`` continues a killed run and ends bit-identical to an uninterrupted
-one. A non-finite loss term stops the run with a :class:`NonFiniteLossError` naming the term, epoch and step.
+one.
+
+No host synchronisation in a step (:mod:`fastjac.training.step_log`): the logged loss terms are summed on the
+device and read every ``sync_every`` steps and at the end of each epoch (one transfer, averaged over DDP
+ranks); every term, its weighted value, the total and the gradients are checked for finiteness on the device
+before the optimiser step that would use them, which is skipped on the device (fused optimiser,
+``found_inf``) from the first non-finite value on; the next read raises :class:`NonFiniteLossError` naming
+the first non-finite term, epoch and step. The optimisers are torch's fused implementations.
+
+``precision: bfloat16``: the training forward and the loss terms run under ``torch.autocast`` (bf16
+matmuls and convolutions; the fused BatchNorm kernels take the bf16 activations with float32 weights and
+compute float32 statistics), except terms marked ``autocast=False`` (the finite-difference Hessian-trace
+terms), which run in float32; term values are float32, parameters, gradients and the optimiser stay float32
+(master weights), and evaluation runs in float32.
 
 Multi-process (``torchrun``): each global batch is split into ``world_size`` contiguous chunks, rank r trains
 on chunk r and DistributedDataParallel averages the gradients; ``accumulate: N`` does the same with N
@@ -23,6 +36,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +53,7 @@ from . import terms as loss_terms
 from .config import RunConfig
 from .distributed import average_batch_norm_stats
 from .models import build_model
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite."""
+from .step_log import NonFiniteLossError, StepLog  # noqa: F401 - NonFiniteLossError: raised by Trainer.run
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -55,11 +66,14 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The fused torch optimiser of ``cfg.optim`` (fused: its step can be skipped on the device,
+    :meth:`StepLog.guarded_step`)."""
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+                           fused=True)
 
 
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
@@ -67,6 +81,30 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
     ``multistep`` with one milestone)."""
     milestones = cfg.schedule.milestones if cfg.schedule.name == "multistep" else []
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.schedule.gamma)
+
+
+class DivergenceWarning(RuntimeWarning):
+    """The train loss grew by orders of magnitude (:data:`DIVERGENCE` times its first epoch's)."""
+
+
+#: How many times its first epoch's magnitude an epoch's train loss may reach before the run warns.
+DIVERGENCE = 1e3
+
+#: Config fields added after checkpoints were first written, with the value those runs had.
+_NEW_FIELDS = {"precision": "float32", "sync_every": None}
+#: Config fields a resumed run may change: they change no result.
+_RESULT_NEUTRAL = ("sync_every",)
+
+
+def _keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of a checkpoint written with a non-fused optimiser: fused again (its groups
+    carry the old flags), Adam's step counts on the parameters' device as the fused kernels need."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(p.device, torch.float32)
 
 
 def _distributed() -> tuple[int, int]:
@@ -179,6 +217,9 @@ class Trainer:
         self.progress = progress
         self.rank, self.world = _distributed()
         self.terms = loss_terms.parse(cfg.loss)
+        self.active = [(name, weight, options) for name, weight, options in self.terms if weight != 0]
+        if cfg.precision != "float32":
+            loss_terms.check_precision(self.active)
         self.ckpt_path = os.path.join(run_dir, "checkpoint.pt")
 
     # --- setup -----------------------------------------------------------------------------------------------
@@ -206,6 +247,7 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
         self.history: list[dict] = []
         self.start_epoch = 0
+        self.log = StepLog([(name, weight) for name, weight, _ in self.active], cfg.accumulate, self.device, cfg.name)
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def _save(self, epoch: int) -> None:
@@ -221,7 +263,8 @@ class Trainer:
 
     def _restore(self) -> None:
         state = ckpt_io.load(self.ckpt_path)
-        diff = ckpt_io.config_differences(state["config"], self.cfg.to_dict())
+        saved = {**_NEW_FIELDS, **state["config"]}  # checkpoints written before these fields existed
+        diff = [d for d in ckpt_io.config_differences(saved, self.cfg.to_dict()) if d not in _RESULT_NEUTRAL]
         if diff:
             raise ckpt_io.CheckpointError(
                 f"checkpoint {self.ckpt_path!r} was written by a different config (fields {diff}); "
@@ -230,6 +273,7 @@ class Trainer:
             raise ckpt_io.CheckpointError(f"checkpoint {self.ckpt_path!r}: training subset differs from this run's")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _keep_fused(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"], self.generators)
         self.history = state["history"]
@@ -256,7 +300,14 @@ class Trainer:
         x = self.train_x[idx]
         if d.augment:
             x = data_io.augment(x, self.generators["augment"], d.crop_padding, d.flip)
-        return data_io.normalize(x, d.dataset).to(self.device), self.train_y[idx].to(self.device)
+        return self._to_device(data_io.normalize(x, d.dataset)), self._to_device(self.train_y[idx])
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the training device; to a GPU through pinned memory, asynchronously (a copy from pageable
+        memory would wait for the queued kernels)."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def _chunks(self, x, y):
         """This rank's micro-batches of a global batch: world × accumulate contiguous chunks."""
@@ -265,31 +316,37 @@ class Trainer:
         mine = range(self.rank * self.cfg.accumulate, (self.rank + 1) * self.cfg.accumulate)
         return [(xs[i], ys[i]) for i in mine]
 
-    def _step(self, idx, epoch: int, step: int) -> dict[str, float]:
+    def _autocast(self):
+        """The training forward's autocast context (disabled with ``precision: float32``)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16")
+
+    def _step(self, idx, epoch: int, step: int) -> None:
+        """One optimiser step on the batch ``idx``: every loss term of every micro-batch, backward, the step
+        (skipped on the device when anything is non-finite, :class:`StepLog`); no host synchronisation."""
         x, y = self._prepare(idx)
         self.optimizer.zero_grad(set_to_none=True)
-        logged: dict[str, float] = {}
         chunks = self._chunks(x, y)
+        values, weighted, totals = [], [], []
         for i, (xc, yc) in enumerate(chunks):
-            ctx = loss_terms.context(self.ddp, self.teacher, xc, yc, self.terms)
-            total = 0.0
-            for name, weight, options in self.terms:
-                if weight == 0:
-                    continue
-                value = loss_terms.TERMS[name].fn(ctx, **options)
-                if not torch.isfinite(value).all():
-                    raise NonFiniteLossError(
-                        f"loss term {name!r} is {value.item()} at epoch {epoch}, step {step} (run {self.cfg.name!r})")
-                total = total + weight * value
-                logged[name] = logged.get(name, 0.0) + value.item() / len(chunks)
+            with self._autocast():
+                ctx = loss_terms.context(self.ddp, self.teacher, xc, yc, self.terms)
+                ctx.logits  # noqa: B018 - the clean pass first, under autocast (it records the BatchNorm statistics)
+                vals = [loss_terms.evaluate(ctx, name, options) for name, _, options in self.active]
+            values.append(vals)
+            weighted.append([weight * value for (_, weight, _), value in zip(self.active, vals)])
+            total = weighted[-1][0]
+            for term in weighted[-1][1:]:
+                total = total + term
+            totals.append(total.detach())
             if isinstance(self.ddp, nn.parallel.DistributedDataParallel) and i < len(chunks) - 1:
                 with self.ddp.no_sync():
                     (total / len(chunks)).backward()
             else:
                 (total / len(chunks)).backward()
-            logged["loss"] = logged.get("loss", 0.0) + float(total.detach()) / len(chunks)
-        self.optimizer.step()
-        return logged
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        found_inf = self.log.record(step, [[v.detach() for v in vals] for vals in values],
+                                    [[w.detach() for w in ws] for ws in weighted], totals, grads)
+        self.log.guarded_step(self.optimizer, found_inf)
 
     @torch.no_grad()
     def evaluate(self, noise_std: float = 0.0, generator: torch.Generator | None = None,
@@ -306,16 +363,17 @@ class Trainer:
             model = copy.deepcopy(self.model).train()
         else:
             model.eval()
-        correct, loss, bs = 0, 0.0, self.cfg.data.eval_batch_size
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # correct, summed loss: read once
+        bs = self.cfg.data.eval_batch_size
         for start in range(0, len(self.test_y), bs):
             x = self.test_x[start:start + bs]
             if noise_std:
                 x = x + noise_std * torch.randn(x.shape, generator=generator)
-            y = self.test_y[start:start + bs].to(self.device)
-            out = model(x.to(self.device))
-            correct += int((out.argmax(1) == y).sum())
-            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            x, y = self._to_device(x), self._to_device(self.test_y[start:start + bs])
+            out = model(x)
+            sums += torch.stack([(out.argmax(1) == y).sum().double(), F.cross_entropy(out, y, reduction="sum").double()])
         self.model.train()
+        correct, loss = sums.tolist()
         n = max(len(self.test_y), 1)
         return {"test_acc": 100.0 * correct / n, "test_loss": loss / n}
 
@@ -341,6 +399,55 @@ class Trainer:
             json.dump({"per_class": self.cfg.data.per_class, "subset_seed": subset_seed,
                        "indices": self.subset_indices.tolist()}, f)
 
+    def _train_epoch(self, epoch: int, bar=None) -> dict[str, float]:
+        """Train one epoch; the means of its logged terms (read every ``sync_every`` steps, the running loss
+        shown by ``bar``, and at the end: the only host synchronisations of the epoch)."""
+        self.log.begin_epoch()
+        every, steps = self.cfg.sync_every, self._steps_per_epoch()
+        for step, idx in enumerate(self._batches()):
+            self._step(idx, epoch, step)
+            if bar is not None:
+                bar.update(1)
+            if every is not None and (step + 1) % every == 0 and step + 1 < steps:
+                running = self.log.read(epoch)
+                if bar is not None:
+                    bar.set_postfix(self._postfix(epoch, running["loss"]))
+        return self.log.read(epoch) if self.log.steps else {}
+
+    def _check_divergence(self, row: dict) -> None:
+        """Warn (once a run) when the epoch's train loss is :data:`DIVERGENCE` times the first epoch's or more."""
+        first = next((r for r in self.history if "train_loss" in r), None)
+        if first is None or "train_loss" not in row or getattr(self, "_warned", False):
+            return
+        ratio = abs(row["train_loss"]) / max(abs(first["train_loss"]), 1e-30)
+        if ratio >= DIVERGENCE:
+            self._warned = True
+            warnings.warn(f"run {self.cfg.name!r}: the train loss grew from {first['train_loss']:.3g} (epoch "
+                          f"{first['epoch']}) to {row['train_loss']:.3g} (epoch {row['epoch']}), {ratio:.1e} times: "
+                          "the run is diverging; lower the learning rate or the loss weights", DivergenceWarning,
+                          stacklevel=2)
+
+    def _steps_per_epoch(self) -> int:
+        """How many batches :meth:`_batches` yields (short batches that BatchNorm cannot use are dropped)."""
+        n, bs, size = len(self.train_y), self.cfg.data.batch_size, self.cfg.data.epoch_size
+        full, rest = divmod(n if size is None else size, bs)
+        least = 2 * self.world * self.cfg.accumulate
+        return (full if bs >= least else 0) + (rest >= least)
+
+    def _progress_bar(self):
+        """A bar over all steps of the run (rank 0, ``progress``), or None."""
+        if not (self.progress and self.rank == 0):
+            return None
+        from tqdm import tqdm
+
+        steps = self._steps_per_epoch()
+        return tqdm(total=steps * self.cfg.epochs, initial=steps * self.start_epoch, desc=self.cfg.name,
+                    leave=False, unit="step")
+
+    def _postfix(self, epoch: int, loss: float) -> dict[str, str]:
+        last_acc = next((r["test_acc"] for r in reversed(self.history) if "test_acc" in r), math.nan)
+        return {"epoch": f"{epoch + 1}/{self.cfg.epochs}", "loss": f"{loss:.3f}", "acc": f"{last_acc:.1f}"}
+
     def run(self, resume: bool = False) -> dict[str, Any]:
         os.makedirs(self.run_dir, exist_ok=True)
         result_path = os.path.join(self.run_dir, "result.json")
@@ -355,29 +462,21 @@ class Trainer:
             self._restore()
         self._write_static()
         self.model.train()
-        epochs = range(self.start_epoch, self.cfg.epochs)
-        bar = None
-        if self.progress and self.rank == 0:
-            from tqdm import tqdm
-            bar = tqdm(total=self.cfg.epochs, initial=self.start_epoch, desc=self.cfg.name, leave=False)
-        for epoch in epochs:
+        bar = self._progress_bar()
+        for epoch in range(self.start_epoch, self.cfg.epochs):
             t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            steps = 0
-            for step, idx in enumerate(self._batches()):
-                for k, v in self._step(idx, epoch, step).items():
-                    sums[k] = sums.get(k, 0.0) + v
-                steps += 1
-            if steps == 0:
+            means = self._train_epoch(epoch, bar)
+            if self.log.steps == 0:
                 raise ValueError(f"run {self.cfg.name!r}: epoch {epoch} made 0 optimiser steps ({len(self.train_y)} "
                                  f"training examples, data.batch_size {self.cfg.data.batch_size}, "
                                  f"{self.world} process(es) x accumulate {self.cfg.accumulate} micro-batches, each "
                                  "needing 2 examples for BatchNorm)")
             average_batch_norm_stats(self.model)
             train_seconds = time.perf_counter() - t0
-            row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": steps,
+            row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "steps": self.log.steps,
                    "train_seconds": train_seconds}
-            row.update({f"train_{k}": v / max(steps, 1) for k, v in sums.items()})
+            row.update({f"train_{k}": v for k, v in means.items()})
+            self._check_divergence(row)
             self.scheduler.step()
             if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs:
                 row.update(self.evaluate())
@@ -386,9 +485,7 @@ class Trainer:
             self._write_metrics()
             self._save(epoch)
             if bar is not None:
-                bar.update(1)
-                last_acc = next((r["test_acc"] for r in reversed(self.history) if "test_acc" in r), math.nan)
-                bar.set_postfix(acc=f"{last_acc:.1f}", loss=f"{row.get('train_loss', math.nan):.3f}")
+                bar.set_postfix(self._postfix(epoch, row.get("train_loss", math.nan)))
         if bar is not None:
             bar.close()
         result = {"name": self.cfg.name, "epochs": self.cfg.epochs, **(self.history[-1] if self.history else {}),
