@@ -9,7 +9,7 @@
 #    tensors, kernel launch counts, opcheck;
 # 3. the GPU reports: gpu_report (op fwd+bwd+dbwd and the VGG-9-BN step, float32 and bfloat16, vs PyTorch),
 #    gpu_profile (wall / host-issue / kernel time and launch counts), the per-call cost on CUDA, and the trainer's
-#    own step on the GPU when benchmarks.trainer_step takes --device.
+#    own step (VGG-9-BN batch 128, float32 / bfloat16, with and without a host read per step).
 # Every step has its own time limit, its output in $OUT/<step>.txt and its duration and exit status in
 # $OUT/gpu_check.log; a failed step does not stop the later ones. Record device, command and numbers in
 # benchmarks/RESULTS.md; never write a GPU figure that is not in these files.
@@ -44,7 +44,11 @@ step tests 180 $PY -m pytest -q $XDIST tests/test_cuda_backend.py tests/test_cud
 step gpu_report 150 $PY -m benchmarks.gpu_report --out "$OUT/gpu_report.md"
 step gpu_profile 120 $PY -m benchmarks.gpu_profile
 step call_overhead_cuda 60 $PY -c "from benchmarks import call_overhead as c; print(c.markdown(c.measure(5, 'cuda')))"
-if $PY -m benchmarks.trainer_step --help 2>/dev/null | grep -q -- "--device"; then
-  step trainer_step 150 $PY -m benchmarks.trainer_step --device cuda --models vgg9 --repeats 5
-fi
+# The trainer's own step, VGG-9-BN batch 128 (issue 17): float32 and bfloat16, without and with a host read per step.
+for prec in float32 bfloat16; do
+  for sync in "" --sync; do
+    step "trainer_step_${prec}${sync:+_sync}" 75 $PY -m benchmarks.trainer_step --device cuda --models vgg9 \
+      --batch-size 128 --repeats 3 --block 5 --precision "$prec" $sync
+  done
+done
 log "done"
