@@ -37,6 +37,7 @@ BnTriple bn_bwd_call(const Tensor& grad, const Tensor& x, const Tensor& mean, co
                      const OptTensor& weight, const OptTensor& bias, bool training, bool relu) {
   static const auto op = op_handle<BnTriple(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                             const OptTensor&, const OptTensor&, bool, bool)>("fastjac::bn_bwd");
+  const NextLink link;
   return op.call(grad, x, mean, invstd, weight, bias, training, relu);
 }
 
@@ -46,6 +47,7 @@ BnTriple bn_dbwd_call(const OptTensor& ggx, const OptTensor& ggw, const OptTenso
   static const auto op = op_handle<BnTriple(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
                                             const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                             const OptTensor&, bool, bool)>("fastjac::bn_dbwd");
+  const NextLink link;
   return op.call(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training, relu);
 }
 
@@ -104,6 +106,7 @@ struct BnDoubleBackward : torch::autograd::Function<BnDoubleBackward> {
                                const Tensor& invstd, const OptTensor& weight, const OptTensor& bias, bool training,
                                bool relu) {
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
     ctx->save_for_backward({or_undefined(ggx), or_undefined(ggw), or_undefined(ggb), grad, x, mean, invstd,
                             or_undefined(weight), or_undefined(bias)});
     save_flags(ctx, training, relu,
@@ -143,6 +146,7 @@ struct BnBackward : torch::autograd::Function<BnBackward> {
                                const Tensor& invstd, const OptTensor& weight, const OptTensor& bias, bool training,
                                bool relu) {
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
     ctx->save_for_backward({grad, x, mean, invstd, or_undefined(weight), or_undefined(bias)});
     save_flags(ctx, training, relu, present_bits({true, true, true, true, weight.has_value(), bias.has_value()}));
     auto [gx, gw, gb] = bn_bwd_call(grad, x, mean, invstd, weight, bias, training, relu);
@@ -187,6 +191,7 @@ struct BnForward : torch::autograd::Function<BnForward> {
                                const OptTensor& running_mean, const OptTensor& running_var, bool training,
                                double momentum, double eps, bool relu, const Tensor* frozen_switch) {
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
     static const auto op = op_handle<BnTriple(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                               const OptTensor&, bool, double, double, bool)>("fastjac::bn_fwd");
     auto [y, mean, invstd] = op.call(x, weight, bias, running_mean, running_var, training, momentum, eps, relu);

@@ -43,6 +43,16 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// Guard for calling the next link from a backward: through its autograd function when the call records a graph
+// (create_graph: GradMode is on), straight to the kernel otherwise. A first-order backward builds no node, so
+// skipping the Autograd key saves its bookkeeping (on a tiny tensor, more than the kernel costs).
+struct NextLink {
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+  NextLink() {
+    if (!at::GradMode::is_enabled()) below.emplace();
+  }
+};
+
 // An optional tensor as an autograd input/output: an undefined tensor is "absent".
 inline OptTensor present(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 inline Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }

@@ -10,6 +10,7 @@ namespace {
 
 Tensor relu_bwd_call(const Tensor& grad, const Tensor& mask) {
   static const auto op = op_handle<Tensor(const Tensor&, const Tensor&)>("fastjac::relu_bwd");
+  const NextLink link;
   return op.call(grad, mask);
 }
 
@@ -19,6 +20,7 @@ Tensor relu_bwd_call(const Tensor& grad, const Tensor& mask) {
 struct ReluBackward : torch::autograd::Function<ReluBackward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& grad, const Tensor& mask) {
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
     ctx->save_for_backward({mask});
     return {relu_bwd_call(grad, mask)};
   }
@@ -34,6 +36,7 @@ struct ReluBackward : torch::autograd::Function<ReluBackward> {
 struct ReluForward : torch::autograd::Function<ReluForward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, Tensor* mask_out) {
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
     static const auto op = op_handle<std::tuple<Tensor, Tensor>(const Tensor&)>("fastjac::relu_fwd");
     auto [y, mask] = op.call(x);
     ctx->save_for_backward({mask});

@@ -12,6 +12,7 @@ namespace {
 Tensor softplus_bwd_call(const Tensor& grad, const Tensor& x, double beta, double threshold) {
   static const auto op =
       op_handle<Tensor(const Tensor&, const Tensor&, double, double)>("fastjac::softplus_bwd");
+  const NextLink link;
   return op.call(grad, x, beta, threshold);
 }
 
@@ -19,6 +20,7 @@ std::tuple<Tensor, Tensor> softplus_dbwd_call(const Tensor& ggrad, const Tensor&
                                               double beta, double threshold) {
   static const auto op = op_handle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double,
                                                               double)>("fastjac::softplus_dbwd");
+  const NextLink link;
   return op.call(ggrad, grad, x, beta, threshold);
 }
 
@@ -39,6 +41,7 @@ struct SoftplusDoubleBackward : torch::autograd::Function<SoftplusDoubleBackward
   static variable_list forward(AutogradContext* ctx, const Tensor& ggrad, const Tensor& grad, const Tensor& x,
                                double beta, double threshold) {
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
     ctx->save_for_backward({ggrad, grad, x});
     save_scalars(ctx, beta, threshold);
     auto [a, b] = softplus_dbwd_call(ggrad, grad, x, beta, threshold);
@@ -66,6 +69,7 @@ struct SoftplusBackward : torch::autograd::Function<SoftplusBackward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& grad, const Tensor& x, double beta,
                                double threshold) {
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
     ctx->save_for_backward({grad, x});
     save_scalars(ctx, beta, threshold);
     return {softplus_bwd_call(grad, x, beta, threshold)};
@@ -84,6 +88,7 @@ struct SoftplusBackward : torch::autograd::Function<SoftplusBackward> {
 struct SoftplusForward : torch::autograd::Function<SoftplusForward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, double beta, double threshold) {
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
     static const auto op = op_handle<Tensor(const Tensor&, double, double)>("fastjac::softplus_fwd");
     ctx->save_for_backward({x});
     save_scalars(ctx, beta, threshold);
