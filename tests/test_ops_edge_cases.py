@@ -8,6 +8,7 @@ Backends: ``reference``, ``cpu`` (its C++ chain, and its Python chain forced by 
 ``fastjac/ops/_paths.py``), ``triton`` (interpreted on CPU tensors without a GPU) and, with a GPU, ``cuda``.
 """
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -312,6 +313,24 @@ def test_batch_norm_one_dim_empty_input_matches_torch(path, training, relu):
             (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
         _close(y, F.batch_norm(x, *stats, None, None, training), torch.float64)
         assert gx.shape == x.shape
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_module_zero_batch_matches_torch(path, training):
+    """nn.BatchNorm1d's ModuleInfo sample ``zero_batch`` (a (0, 5, 9) input): the converted module gives PyTorch's
+    empty output and gradients, counts the batch, and leaves its running statistics alone."""
+    ref = torch.nn.BatchNorm1d(5, 1e-3, 0.3, affine=False).double().train(training).to(path.device)
+    mine = fastjac.convert(copy.deepcopy(ref))  # in place: a copy
+    assert type(mine) is not type(ref)
+    x = torch.randn(0, 5, 9, dtype=torch.float64, device=path.device, requires_grad=True)
+    with path():
+        y = mine(x)
+        (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    y_t = ref(x)
+    _close(y, y_t, torch.float64)
+    _close(gx, torch.autograd.grad(y_t, x, torch.ones_like(y_t))[0], torch.float64)
+    for name, buf in ref.named_buffers():
+        assert torch.equal(dict(mine.named_buffers())[name], buf), name
 
 
 def test_batch_norm_one_value_per_channel_in_training_still_raises(path):
