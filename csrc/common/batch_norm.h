@@ -39,7 +39,7 @@ struct BnSums {
 };
 
 // Running (count, mean, M2 = sum (x - mean)^2) moments; merge is Chan et al.'s parallel update. `sum` is the plain
-// sum of the values, for PyTorch's statistics of a channel holding inf (statistics()).
+// sum of the values, for PyTorch's statistics of a channel holding inf (bn_mean_var).
 template <typename T>
 struct BnMoments {
   T n = T(0), mean = T(0), m2 = T(0), sum = T(0);
@@ -135,9 +135,8 @@ template <typename A>
 FASTJAC_HOST_DEVICE inline A bn_z(const BnZ<A>& k, A x) {
   return bn_fma(k.a, x, k.c);
 }
-// The mask bit of z (compute type A) for an output of dtype T: relu_on (z > 0 or NaN, relu.h) of z as stored in T, so
-// that a float16 / bfloat16
-// z that rounds to 0 has m = 0 like y (a no-op for float and double).
+// The mask bit of z (compute type A) for an output of dtype T: relu_on (z > 0 or NaN, relu.h) of z as stored in T,
+// so that a float16 / bfloat16 z that rounds to 0 has m = 0 like y (a no-op for float and double).
 template <typename T, typename A>
 FASTJAC_HOST_DEVICE inline bool bn_relu_on(A z) {
   return relu_on(static_cast<A>(static_cast<T>(z)));
