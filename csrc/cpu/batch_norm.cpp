@@ -137,25 +137,31 @@ struct MomentsPass {
     acc.merge(double(n), mean, std::max(0.0, double(q) - double(n) * shift * shift), double(s));
   }
 
-  // Column mode: per-position sums of x - shift and its square (shift = the position's first value), and of x
-  // (for a channel holding inf, bn_mean_var), folded into the channel moments by flush().
+  // Column mode: per-position sums of x - shift and its square (shift = the position's first value, or 0 where
+  // that is not finite, so that shift + sum / rows and the plain sum shift rows + sum are PyTorch's inf for a
+  // channel holding +inf, bn_mean_var), folded into the channel moments by flush().
   struct Columns {
     int64_t S, L, rows = 0;
     bool shifted = false;
-    std::vector<A> shift, s0, s1, s2;
+    std::vector<A> shift, s1, s2;
     Columns(const MomentsPass&, int64_t, int64_t nc, int64_t S_)
-        : S(S_), L(nc * S_), shift(L), s0(L, A(0)), s1(L, A(0)), s2(L, A(0)) {}
+        : S(S_), L(nc * S_), shift(L), s1(L, A(0)), s2(L, A(0)) {}
     void run(const BnRun<T, A>& run) {
       const T* __restrict__ x = run.at(run.io.x);
-      if (!shifted) std::transform(x, x + L, shift.begin(), [](T v) { return static_cast<A>(v); }), shifted = true;
-      A *__restrict__ a = s1.data(), *__restrict__ b = s2.data(), *__restrict__ t = s0.data();
+      if (!shifted) {
+        std::transform(x, x + L, shift.begin(), [](T v) {
+          const A a = static_cast<A>(v);
+          return std::isfinite(a) ? a : A(0);
+        });
+        shifted = true;
+      }
+      A *__restrict__ a = s1.data(), *__restrict__ b = s2.data();
       const A* __restrict__ k = shift.data();
       FASTJAC_OMP_SIMD
       for (int64_t j = 0; j < L; ++j) {
-        const A v = static_cast<A>(x[j]), d = v - k[j];
+        const A d = static_cast<A>(x[j]) - k[j];
         a[j] += d;
         b[j] += d * d;
-        t[j] += v;
       }
       ++rows;
     }
@@ -164,8 +170,8 @@ struct MomentsPass {
       for (int64_t e = 0; e < L; ++e) {
         const double d = double(s1[e]) / double(rows);
         acc[e / S].merge(double(rows), double(shift[e]) + d, std::max(0.0, double(s2[e]) - double(s1[e]) * d),
-                         double(s0[e]));
-        s0[e] = s1[e] = s2[e] = A(0);
+                         double(shift[e]) * double(rows) + double(s1[e]));
+        s1[e] = s2[e] = A(0);
       }
       rows = 0;
     }
