@@ -199,8 +199,8 @@ class _Recorder:
             shape=output.shape,
             dtype=output.dtype,
             edge=get_gradient_edge(output) if output.requires_grad else None,
-            # The fused op's ReLU mask is exactly y > 0 (csrc/KERNELS.md, "Fused ReLU").
-            mask=(output.detach() > 0) if kind == "batch_norm_relu" else None,
+            # The fused op's ReLU mask is exactly y > 0 or y NaN (csrc/KERNELS.md, "Fused ReLU", "ReLU and NaN").
+            mask=~(output.detach() <= 0) if kind == "batch_norm_relu" else None,
         ))
 
     def remove(self) -> None:
@@ -281,7 +281,7 @@ def full_jacobian(
     per-sample gradient when samples are independent (eval mode). With BatchNorm using batch statistics the
     samples are coupled and the terms are those of the batch sum (what a training loss differentiates); the
     per-sample residual is then not zero. BatchNorm layers contribute ``(∇_z f) ⊙ (β − μγ/σ)``; for a fused
-    ``BatchNormReLU`` (output ``y = relu(z)``) ``∇_z f = ∇_y f ⊙ [y > 0]``. One forward pass is run (in
+    ``BatchNormReLU`` (output ``y = relu(z)``) ``∇_z f = ∇_y f ⊙ [y > 0 or NaN]``. One forward pass is run (in
     training mode it updates BatchNorm running statistics like any forward).
     """
     if not isinstance(model, nn.Module):

@@ -146,7 +146,9 @@ struct BnBackward : torch::autograd::Function<BnBackward> {
                                const Tensor& invstd, const OptTensor& weight, const OptTensor& bias, bool training,
                                bool relu) {
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
+    // Absent gradients stay absent: a zero-filled ggw would add 0 * xh to ggrad, NaN at a non-finite x in eval
+    // mode, where PyTorch's ggrad does not depend on x.
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({grad, x, mean, invstd, or_undefined(weight), or_undefined(bias)});
     save_flags(ctx, training, relu, present_bits({true, true, true, true, weight.has_value(), bias.has_value()}));
     auto [gx, gw, gb] = bn_bwd_call(grad, x, mean, invstd, weight, bias, training, relu);
@@ -191,10 +193,12 @@ struct BnForward : torch::autograd::Function<BnForward> {
                                const OptTensor& running_mean, const OptTensor& running_var, bool training,
                                double momentum, double eps, bool relu, const Tensor* frozen_switch) {
     at::AutoDispatchBelowADInplaceOrView below;
-    ctx->set_materialize_grads(false);  // absent output gradients stay undefined (no zero tensors)
     static const auto op = op_handle<BnTriple(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                               const OptTensor&, bool, double, double, bool)>("fastjac::bn_fwd");
     auto [y, mean, invstd] = op.call(x, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+    // Absent gradients stay undefined: a zero-filled one for mean / invstd would send 0 * xh through the statistics
+    // path, NaN at a non-finite x (and a pass over x for nothing).
+    ctx->set_materialize_grads(false);
     // bias is read by the backward links only for the fused ReLU's mask.
     ctx->save_for_backward({x, or_undefined(weight), relu ? or_undefined(bias) : Tensor(), mean, invstd});
     save_flags(ctx, training, relu, present_bits({true, weight.has_value(), bias.has_value()}));
@@ -236,7 +240,9 @@ void bn_check_user_arguments(const Tensor& x, const OptTensor& weight, const Opt
   const char* op = user_op(relu);
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must have a floating-point dtype, got ",
                    x.scalar_type());
-  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be positive, got ", eps);
+  // PyTorch's F.batch_norm: eps > 0 in training, eps >= 0 in eval (where 1 / sqrt(running_var + eps) may be inf).
+  TORCH_CHECK_VALUE(!training || eps > 0, op, ": eps must be positive in training mode, got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be non-negative, got ", eps);
   TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be N x C x (spatial...) with at least 2 dims, got shape ",
                     x.sizes());
   TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(), op,
@@ -247,7 +253,11 @@ void bn_check_user_arguments(const Tensor& x, const OptTensor& weight, const Opt
   check_channel_vector(running_var, "running_var", x, relu);
   check_channel_vector(weight, "weight", x, relu);
   check_channel_vector(bias, "bias", x, relu);
-  TORCH_CHECK_VALUE(!training || x.numel() / std::max<int64_t>(x.size(1), 1) > 1, op,
+  // Values per channel N * prod(spatial), as PyTorch counts them; an empty batch (0) is allowed in training, as in
+  // PyTorch: an empty output, no batch statistics, the running statistics left alone.
+  int64_t count = x.size(0);
+  for (int64_t d = 2; d < x.dim(); ++d) count *= x.size(d);
+  TORCH_CHECK_VALUE(!training || count != 1, op,
                     ": expected more than 1 value per channel when training, got x of shape ", x.sizes());
 }
 

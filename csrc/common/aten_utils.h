@@ -9,6 +9,7 @@
 #include <optional>
 #include <tuple>
 
+#include "batch_norm.h"
 #include "bitmask.h"
 
 namespace fastjac {
@@ -71,7 +72,7 @@ inline void bn_check_saved_stats(const at::Tensor& x, const at::Tensor& mean, co
   }
 }
 
-// bn_fwd's checks of the running statistics; in training, at least two values per channel.
+// bn_fwd's checks of the running statistics; in training, not exactly one value per channel.
 inline void bn_check_forward(const at::Tensor& x, int64_t count, const std::optional<at::Tensor>& running_mean,
                              const std::optional<at::Tensor>& running_var, bool training, const char* op) {
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
@@ -80,8 +81,8 @@ inline void bn_check_forward(const at::Tensor& x, int64_t count, const std::opti
     bn_check_channel(*running_mean, x, op, "running_mean");
     bn_check_channel(*running_var, x, op, "running_var");
   }
-  if (training) {
-    TORCH_CHECK(count > 1, op, ": Expected more than 1 value per channel when training, got input size ",
+  if (training) {  // an empty batch (count 0) is allowed, as in PyTorch
+    TORCH_CHECK(count != 1, op, ": Expected more than 1 value per channel when training, got input size ",
                 x.sizes());
   } else {
     TORCH_CHECK(running_mean.has_value(), op, ": running_mean and running_var are required when training=false");
@@ -94,7 +95,7 @@ inline void bn_check_forward(const at::Tensor& x, int64_t count, const std::opti
 inline void bn_update_running(const std::optional<at::Tensor>& running_mean,
                               const std::optional<at::Tensor>& running_var, const at::Tensor& mean,
                               const at::Tensor& var, int64_t count, double momentum) {
-  if (!running_mean.has_value()) return;
+  if (!running_mean.has_value() || !bn_updates_running(count)) return;  // an empty batch leaves them alone
   running_mean->mul_(1 - momentum).add_(mean.to(running_mean->scalar_type()).mul(momentum));
   running_var->mul_(1 - momentum).add_(var.mul(count).div(count - 1).to(running_var->scalar_type()).mul(momentum));
 }

@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "config.h"
+#include "relu.h"
 
 namespace fastjac {
 
@@ -37,29 +38,53 @@ struct BnSums {
   }
 };
 
-// Running (count, mean, M2 = sum (x - mean)^2) moments; merge is Chan et al.'s parallel update.
+// Running (count, mean, M2 = sum (x - mean)^2) moments; merge is Chan et al.'s parallel update. `sum` is the plain
+// sum of the values, for PyTorch's statistics of a channel holding inf (bn_mean_var).
 template <typename T>
 struct BnMoments {
-  T n = T(0), mean = T(0), m2 = T(0);
+  T n = T(0), mean = T(0), m2 = T(0), sum = T(0);
 
-  FASTJAC_HOST_DEVICE void merge(T nb, T mean_b, T m2_b) {
+  FASTJAC_HOST_DEVICE void merge(T nb, T mean_b, T m2_b, T sum_b) {
     if (nb == T(0)) return;
     const T total = n + nb;
     const T delta = mean_b - mean;
     mean += delta * (nb / total);
     m2 += m2_b + delta * delta * (n * nb / total);
+    sum += sum_b;
     n = total;
   }
-  FASTJAC_HOST_DEVICE void merge(const BnMoments& o) { merge(o.n, o.mean, o.m2); }
+  FASTJAC_HOST_DEVICE void merge(const BnMoments& o) { merge(o.n, o.mean, o.m2, o.sum); }
   // Welford's update with one value v.
   FASTJAC_HOST_DEVICE void push(T v) {
     n += T(1);
     const T delta = v - mean;
     mean += delta / n;
     m2 += delta * (v - mean);
+    sum += v;
   }
-  FASTJAC_HOST_DEVICE T var() const { return n > T(0) ? m2 / n : T(0); }  // biased
 };
+
+// The batch mean and biased variance of a channel's moments, with PyTorch's values (mean = sum / M, var = mean of
+// (x - mean)^2) where the channel holds a non-finite value: then Welford's and Chan's updates give a non-finite mean
+// (inf - inf = NaN for a channel holding +inf among finite values), so a non-finite mean is replaced by sum / n
+// (+inf there; NaN with NaN or both infinities), and its variance is NaN ((inf - inf)^2, which a clamped M2 could
+// hide). An empty channel has mean 0 and variance 0 (nothing is normalised, and the running statistics are not
+// updated: bn_updates_running).
+template <typename T>
+struct BnMeanVar {
+  T mean, var;
+};
+template <typename T>
+FASTJAC_HOST_DEVICE inline BnMeanVar<T> bn_mean_var(const BnMoments<T>& m) {
+  using std::isfinite;
+  if (m.n == T(0)) return {T(0), T(0)};
+  if (isfinite(m.mean)) return {m.mean, m.m2 / m.n};
+  return {m.sum / m.n, T(NAN)};
+}
+
+// Whether a training forward over `count` values per channel updates the running statistics: not for an empty
+// batch (PyTorch leaves them alone; the unbiased variance would be 0 / -1).
+FASTJAC_HOST_DEVICE inline bool bn_updates_running(int64_t count) { return count > 0; }
 
 // xh = (x - mean) r.
 template <typename A>
@@ -93,8 +118,8 @@ FASTJAC_HOST_DEVICE inline T bn_fma(T a, T b, T c) {
 // The forward output before the fused ReLU, z = gamma (x - mean) r + beta, as one multiply-add per element:
 // z = a x + c with a = gamma r, c = beta - a mean (per channel, computed in T = double on the CPU and rounded once
 // to the compute type). bn_fwd writes y = z (or relu(z)) with these two functions, and every later kernel with
-// relu=true recomputes the mask m = (z > 0) with the same two functions from the saved mean, invstd, weight and
-// bias, so that m equals the forward's y > 0 bit for bit (csrc/KERNELS.md, "Fused ReLU").
+// relu=true recomputes the mask m = relu_on(z) with the same two functions from the saved mean, invstd, weight and
+// bias, so that m equals the forward's relu_on(y) bit for bit (csrc/KERNELS.md, "Fused ReLU").
 template <typename T>
 struct BnZ {
   T a = T(0), c = T(0);
@@ -110,11 +135,11 @@ template <typename A>
 FASTJAC_HOST_DEVICE inline A bn_z(const BnZ<A>& k, A x) {
   return bn_fma(k.a, x, k.c);
 }
-// The mask bit of z (compute type A) for an output of dtype T: z > 0 as stored in T, so that a float16 / bfloat16
-// z that rounds to 0 has m = 0 like y (a no-op for float and double).
+// The mask bit of z (compute type A) for an output of dtype T: relu_on (z > 0 or NaN, relu.h) of z as stored in T,
+// so that a float16 / bfloat16 z that rounds to 0 has m = 0 like y (a no-op for float and double).
 template <typename T, typename A>
 FASTJAC_HOST_DEVICE inline bool bn_relu_on(A z) {
-  return static_cast<A>(static_cast<T>(z)) > A(0);
+  return relu_on(static_cast<A>(static_cast<T>(z)));
 }
 
 template <typename T>
@@ -222,10 +247,13 @@ struct BnKernelCoef {
   BnAffine<T> p, q;
   T out0 = T(0), out1 = T(0);
 };
+// A channel without elements (count 0: an empty batch) has zero coefficients and outputs, as sums over nothing
+// (the formulas' means of nothing, 0 / 0, would make gw = r M C NaN).
 template <typename T>
 FASTJAC_HOST_DEVICE inline BnKernelCoef<T> bn_kernel_coef(BnKind kind, const BnSums<T>& s, T count, T gamma, T r,
                                                           T p_in, T q_in, bool training) {
   BnKernelCoef<T> k;
+  if (count == T(0)) return k;
   if (kind == BnKind::kBwd) {
     const BnBwdCoef<T> b = bn_bwd_coef(s, count, gamma, r, training);
     k.q = b.gx, k.out0 = b.gw, k.out1 = b.gb;

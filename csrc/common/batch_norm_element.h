@@ -18,8 +18,10 @@ namespace fastjac {
 // kX; as the forward's z = bn_z(x) with kY or kZ). kZ fuses the ReLU: the mask m = bn_relu_on(z) is recomputed
 // from x (csrc/KERNELS.md, "Fused ReLU"), g is read as g~ = m ? g : 0 and p is 0 where m = 0 (without kZ, m = 1
 // and g~ = g). Outputs: p = m (cu u + cx xh + c0), or with kY the forward's y = z (relu(z) with kZ);
-// q = cu u + cg g~ + cx xh + c0. With kSum, every sum of BnSums whose operands are read is accumulated.
-enum BnFlag : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128 };
+// q = cu u + cg g~ + cx xh + c0. With kSum, every sum of BnSums whose operands are read is accumulated. With
+// kQNoXh, q omits its cx xh term although xh is read (by the sums or p): eval mode's gx of bn_bwd (gamma r g~) and
+// bn_dbwd (p r g~) do not depend on x, and 0 * xh would make them NaN at a non-finite x, where PyTorch's are finite.
+enum BnFlag : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128, kQNoXh = 256 };
 
 // Per-channel constants of one loop, in the compute type A.
 template <typename A>
@@ -44,7 +46,7 @@ template <unsigned F, typename T, typename A>
 FASTJAC_HOST_DEVICE FASTJAC_INLINE void bn_element(const BnChannel<A>& k, const BnPtrs<T>& a, int64_t j, A& su,
                                                    A& sux, A& sg, A& sgx, A& sug) {
   constexpr bool U = F & kU, G = F & kG, X = F & kX, P = F & kOutP, Q = F & kOutQ, Y = F & kY, Z = F & kZ,
-                 Sum = F & kSum;
+                 Sum = F & kSum, XQ = X && !(F & kQNoXh);
   // The mask is applied as a selection (m ? v : 0) for float and double: gcc does not vectorise the bool -> float
   // conversion of a 0 / 1 factor. For float16 / bfloat16 it is a product with m as 0 / 1 (the form these loops
   // had with a stored mask): with the selection, gcc 13 computed wrong sums u g~ in the eval row loop of
@@ -72,7 +74,7 @@ FASTJAC_HOST_DEVICE FASTJAC_INLINE void bn_element(const BnChannel<A>& k, const 
     const A v = bn_affine<U, false, X>(k.p, uj, gj, xh);
     a.p[j] = static_cast<T>(!Z ? v : kSelect ? (on ? v : A(0)) : v * m);
   }
-  if constexpr (Q) a.q[j] = static_cast<T>(bn_affine<U, G, X>(k.q, uj, gj, xh));
+  if constexpr (Q) a.q[j] = static_cast<T>(bn_affine<U, G, XQ>(k.q, uj, gj, xh));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -92,15 +94,20 @@ constexpr auto bn_concat(std::integer_sequence<unsigned, A...>, std::integer_seq
 using BnMaskableFlags = std::integer_sequence<unsigned,  //
                                               kOutP, kU | kOutP, kX | kOutP, kU | kX | kOutP,  //
                                               kG | kX | kOutQ, kG | kX | kOutP | kOutQ, kU | kG | kX | kOutP | kOutQ,
-                                              kG | kX | kSum, kU | kG | kX | kSum, kG | kX | kOutQ | kSum,
-                                              kU | kG | kOutP | kOutQ | kSum, kU | kG | kX | kOutP | kOutQ | kSum>;
+                                              kG | kX | kSum, kU | kG | kX | kSum, kU | kG | kOutP | kOutQ | kSum,
+                                              // eval (kQNoXh): bn_bwd, bn_dbwd with ggw (with and without ggx)
+                                              kG | kX | kOutQ | kSum | kQNoXh, kG | kX | kOutP | kOutQ | kQNoXh,
+                                              kU | kG | kX | kOutP | kOutQ | kSum | kQNoXh>;
 using BnAffineFlags =
     decltype(bn_concat(bn_concat(std::integer_sequence<unsigned, kY | kOutP, kY | kOutP | kZ, kU | kX | kSum>{},
                                  BnMaskableFlags{}),
                        bn_with_flag<kZ>(BnMaskableFlags{})));
 
-// The flags a loop runs with: the mask only scales g and p.
-inline unsigned bn_loop_flags(unsigned flags) { return flags & (kG | kOutP) ? flags : flags & ~unsigned(kZ); }
+// The flags a loop runs with: the mask only scales g and p; kQNoXh only matters when xh is read.
+inline unsigned bn_loop_flags(unsigned flags) {
+  if (!(flags & kX)) flags &= ~unsigned(kQNoXh);
+  return flags & (kG | kOutP) ? flags : flags & ~unsigned(kZ);
+}
 
 // The arrays a loop with `flags` touches (the others set to nullptr); IO has members x, g, u, p, q.
 template <typename IO>
@@ -136,7 +143,7 @@ inline unsigned bn_second_flags(const BnPlan& plan) { return plan.fused ? plan.s
 inline BnPlan bn_fwd_plan(bool relu) { return bn_with_relu(BnPlan{0, kOutP | kY, false}, relu); }
 
 inline BnPlan bn_bwd_plan(bool training, bool relu) {
-  return bn_with_relu(BnPlan{kG | kX, kG | (training ? kX : 0u) | kOutQ, !training}, relu);
+  return bn_with_relu(BnPlan{kG | kX, kG | kOutQ | (training ? kX : kQNoXh), !training}, relu);
 }
 
 inline BnPlan bn_dbwd_plan(bool training, bool relu, bool has_u, bool has_p) {
@@ -145,7 +152,7 @@ inline BnPlan bn_dbwd_plan(bool training, bool relu, bool has_u, bool has_p) {
   BnPlan plan;
   plan.sum = training ? (has_gx ? kG | kX | U : 0u) : (has_u ? kU | kG : 0u);
   plan.out = kOutP | U | (has_p || (training && has_u) ? kX : 0u) |
-             (has_gx ? kOutQ | kG | (training ? kX | U : 0u) : 0u);
+             (has_gx ? kOutQ | kG | (training ? kX | U : kQNoXh) : 0u);
   plan.fused = !training;
   return bn_with_relu(plan, relu);
 }

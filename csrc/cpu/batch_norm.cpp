@@ -134,11 +134,12 @@ struct MomentsPass {
       q += d * d;
     }
     const double mean = double(s) / double(n), shift = mean - double(centre);
-    acc.merge(double(n), mean, std::max(0.0, double(q) - double(n) * shift * shift));
+    acc.merge(double(n), mean, std::max(0.0, double(q) - double(n) * shift * shift), double(s));
   }
 
-  // Column mode: per-position sums of x - shift and its square (shift = the position's first value), folded
-  // into the channel moments by flush().
+  // Column mode: per-position sums of x - shift and its square (shift = the position's first value, or 0 where
+  // that is not finite, so that shift + sum / rows and the plain sum shift rows + sum are PyTorch's inf for a
+  // channel holding +inf, bn_mean_var), folded into the channel moments by flush().
   struct Columns {
     int64_t S, L, rows = 0;
     bool shifted = false;
@@ -147,7 +148,13 @@ struct MomentsPass {
         : S(S_), L(nc * S_), shift(L), s1(L, A(0)), s2(L, A(0)) {}
     void run(const BnRun<T, A>& run) {
       const T* __restrict__ x = run.at(run.io.x);
-      if (!shifted) std::transform(x, x + L, shift.begin(), [](T v) { return static_cast<A>(v); }), shifted = true;
+      if (!shifted) {
+        std::transform(x, x + L, shift.begin(), [](T v) {
+          const A a = static_cast<A>(v);
+          return std::isfinite(a) ? a : A(0);
+        });
+        shifted = true;
+      }
       A *__restrict__ a = s1.data(), *__restrict__ b = s2.data();
       const A* __restrict__ k = shift.data();
       FASTJAC_OMP_SIMD
@@ -162,7 +169,8 @@ struct MomentsPass {
       if (rows == 0) return;
       for (int64_t e = 0; e < L; ++e) {
         const double d = double(s1[e]) / double(rows);
-        acc[e / S].merge(double(rows), double(shift[e]) + d, std::max(0.0, double(s2[e]) - double(s1[e]) * d));
+        acc[e / S].merge(double(rows), double(shift[e]) + d, std::max(0.0, double(s2[e]) - double(s1[e]) * d),
+                         double(shift[e]) * double(rows) + double(s1[e]));
         s1[e] = s2[e] = A(0);
       }
       rows = 0;
@@ -313,7 +321,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& wei
       mom = bn_pass(geo, io, MomentsPass<scalar_t>{});
     });
     std::vector<double> mu(geo.C), var(geo.C);
-    for (int64_t c = 0; c < geo.C; ++c) mu[c] = mom[c].mean, var[c] = mom[c].var();
+    for (int64_t c = 0; c < geo.C; ++c) {
+      const BnMeanVar<double> mv = bn_mean_var(mom[c]);
+      mu[c] = mv.mean, var[c] = mv.var;
+    }
     const TrainStats stats = bn_train_stats(x, mu, var, geo.count(), eps, running_mean, running_var, momentum);
     mean = stats.mean, invstd = stats.invstd;
   } else {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/aten_utils.h"
+#include "../common/batch_norm.h"
 
 namespace fastjac::cpu {
 
@@ -51,7 +52,8 @@ inline void blend_into(const at::Tensor& r, const std::vector<double>& s, double
 }
 
 // Training statistics of bn_fwd from the per-channel moments: mean and invstd = 1 / sqrt(var + eps) as tensors
-// of the statistics dtype, and the running statistics' update with the unbiased variance var M / (M - 1).
+// of the statistics dtype, and the running statistics' update with the unbiased variance var M / (M - 1) (none for an
+// empty batch, bn_updates_running).
 struct TrainStats {
   at::Tensor mean, invstd;
 };
@@ -62,7 +64,7 @@ inline TrainStats bn_train_stats(const at::Tensor& x, const std::vector<double>&
   const at::ScalarType dtype = bn_stat_dtype(x);
   std::vector<double> invstd(var.size());
   for (size_t c = 0; c < var.size(); ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-  if (running_mean.has_value()) {
+  if (running_mean.has_value() && bn_updates_running(count)) {
     std::vector<double> unbiased(var.size());
     for (size_t c = 0; c < var.size(); ++c) unbiased[c] = var[c] * count / (count - 1);
     blend_into(*running_mean, mean, momentum);

@@ -22,6 +22,7 @@
 
 #include "../common/aten_utils.h"
 #include "../common/bitmask.h"
+#include "../common/relu.h"
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -83,11 +84,11 @@ inline void expand_mask(const uint8_t* mask, int64_t i0, int64_t len, A* __restr
   for (; k < len; ++k) m[k] = A(mask_get(mask, i0 + k));
 }
 
-// Records y[k] > 0 as mask elements i0 + k, k < len. Bytes fully inside the range are stored. A partially
+// Records relu_on(y[k]) (y[k] > 0 or NaN) as mask elements i0 + k, k < len. Bytes fully inside the range are stored. A partially
 // covered byte is OR-ed atomically when `shared` (other threads may own its other bits; the mask must be
 // zero-initialised); otherwise the caller owns it and writes [i0, i0 + len) in increasing order.
 template <typename T>
-inline void pack_positive(const T* y, int64_t i0, int64_t len, uint8_t* mask, bool shared) {
+inline void pack_relu_mask(const T* y, int64_t i0, int64_t len, uint8_t* mask, bool shared) {
   static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "flag bytes are packed as little-endian words");
   using A = at::opmath_type<T>;
   alignas(64) uint8_t flag[kChunk];
@@ -95,7 +96,7 @@ inline void pack_positive(const T* y, int64_t i0, int64_t len, uint8_t* mask, bo
     const int64_t n = std::min(kChunk, len - base), b0 = i0 + base, end = b0 + n;
     const T* __restrict__ yb = y + base;
     FASTJAC_OMP_SIMD
-    for (int64_t k = 0; k < n; ++k) flag[k] = static_cast<A>(yb[k]) > A(0);
+    for (int64_t k = 0; k < n; ++k) flag[k] = relu_on(static_cast<A>(yb[k]));
     auto partial = [&](int64_t a, int64_t b) {  // [a, b) inside one byte
       const uint8_t bits =
           static_cast<uint8_t>(mask_pack_byte([&](int j) { return flag[a - b0 + j]; }, int(b - a)) << (a & 7));
@@ -120,7 +121,7 @@ inline void pack_positive(const T* y, int64_t i0, int64_t len, uint8_t* mask, bo
 
 // ---------------------------------------------------------------------------------------------------------
 // Elementwise driver: body(i0, len) over [0, numel) in parallel. Every chunk starts on a mask byte boundary
-// and each thread owns whole mask bytes, so bodies may write mask bytes with pack_positive(shared=false).
+// and each thread owns whole mask bytes, so bodies may write mask bytes with pack_relu_mask(shared=false).
 template <typename Body>
 inline void parallel_chunks(int64_t numel, const Body& body) {
   if (numel <= kParallelMin) {  // one thread: no parallel_for bookkeeping (it matters on tiny tensors)

@@ -11,7 +11,7 @@ namespace {
 
 using at::Tensor;
 
-// relu_fwd: (max(x, 0), mask(x > 0)); x == 0 and NaN give 0 and a cleared bit.
+// relu_fwd: (relu(x), mask relu_on(x)); x == 0 gives 0 and a cleared bit, NaN gives NaN and a set bit.
 std::tuple<Tensor, Tensor> relu_fwd(const Tensor& x_) {
   check_float_cpu(x_, "fastjac::relu_fwd", "x");
   const Tensor x = x_.contiguous(), y = empty_output(x);
@@ -26,7 +26,7 @@ std::tuple<Tensor, Tensor> relu_fwd(const Tensor& x_) {
       scalar_t* __restrict__ ys = yp + i0;
 FASTJAC_OMP_SIMD
       for (int64_t j = 0; j < len; ++j) ys[j] = relu_select(relu_on(static_cast<A>(xs[j])), xs[j]);
-      pack_positive(xs, i0, len, mp, /*shared=*/false);
+      pack_relu_mask(xs, i0, len, mp, /*shared=*/false);
     });
   });
   return {y, mask};

@@ -126,7 +126,9 @@ struct MomentsPass {
   const T* x;
   __device__ NoChannel channel(int64_t) const { return {}; }
   __device__ void element(NoChannel, int64_t i, Acc& acc) const { acc.push(static_cast<A>(x[i])); }
-  __device__ static Partial partial(const Acc& a) { return Partial{double(a.n), double(a.mean), double(a.m2)}; }
+  __device__ static Partial partial(const Acc& a) {
+    return Partial{double(a.n), double(a.mean), double(a.m2), double(a.sum)};
+  }
 };
 
 // The affine passes: bn_element with flags F and per-channel constants coef[c].
@@ -155,12 +157,12 @@ __device__ Partial merge_parts(const Partial* parts, int64_t P, int64_t c) {
   return reduce_over_y(acc);
 }
 
-// bn_fwd: mean and biased var per channel (statistics dtype A).
+// bn_fwd: mean and biased var per channel (statistics dtype A; bn_mean_var).
 template <typename A>
 __global__ void __launch_bounds__(kThreads) bn_moments_kernel(const BnMoments<double>* parts, int64_t P, A* mean,
                                                               A* var) {
-  const BnMoments<double> m = merge_parts(parts, P, blockIdx.x);
-  if (threadIdx.y == 0) mean[blockIdx.x] = A(m.mean), var[blockIdx.x] = A(m.var());
+  const BnMeanVar<double> m = bn_mean_var(merge_parts(parts, P, blockIdx.x));
+  if (threadIdx.y == 0) mean[blockIdx.x] = A(m.mean), var[blockIdx.x] = A(m.var);
 }
 
 // Per-channel inputs and outputs of a kernel (statistics dtype A, which is also the compute type; nullptr =
@@ -312,7 +314,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& wei
     mean = stat_empty(x);
     const Tensor var = stat_empty(x);
     const Tensor parts = scratch<BnMoments<double>>(lay.C * lay.parts(), x);
-    if (lay.C > 0) FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
+    if (lay.numel() == 0) {  // an empty batch: bn_mean_var's mean 0 and var 0 (no partials are written)
+      mean.zero_(), var.zero_();
+    } else FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
       using A = at::opmath_type<scalar_t>;
       launch_pass(MomentsPass<scalar_t>{x.data_ptr<scalar_t>()}, lay, scratch_ptr<BnMoments<double>>(parts));
       bn_moments_kernel<<<unsigned(lay.C), dim3(1, kThreads), 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -42,7 +42,7 @@ struct ReluBwd {
   __device__ void operator()(int64_t i) const { out[i] = relu_select(mask_get(mask, i), g[i]); }
 };
 
-// relu_fwd: (max(x, 0), mask(x > 0)); x == 0 and NaN give 0 and a cleared bit.
+// relu_fwd: (relu(x), mask relu_on(x)); x == 0 gives 0 and a cleared bit, NaN gives NaN and a set bit.
 std::tuple<Tensor, Tensor> relu_fwd(const Tensor& x_) {
   constexpr const char* op = "fastjac::relu_fwd";
   check_float(x_, x_.device(), op, "x");

@@ -1,6 +1,6 @@
 """Fused BatchNorm and BatchNorm+ReLU, with ``nn.BatchNorm`` running-statistics semantics.
 
-Chain (``relu`` flag fuses the ReLU; its mask ``z > 0`` is not saved but recomputed by every kernel from the
+Chain (``relu`` flag fuses the ReLU; its mask ``z > 0 or NaN`` is not saved but recomputed by every kernel from the
 saved x, mean, invstd, weight and bias, with the forward's own formula, csrc/KERNELS.md "Fused ReLU"):
 ``fastjac::batch_norm`` (y, mean, invstd, updated running statistics, written back once by the caller) ->
 ``fastjac::batch_norm_backward`` (gx, gw, gb) -> ``fastjac::batch_norm_double_backward`` (ggrad, gx, gw),
@@ -14,6 +14,7 @@ checks in C++ too. :mod:`fastjac.ops._paths` says which serves a call.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -211,17 +212,27 @@ def _validate(op, x, running_mean, running_var, weight, bias, training, momentum
         raise ValueError(f"fastjac.ops.{op}: running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
         raise ValueError(f"fastjac.ops.{op}: running_mean and running_var are required when training=False")
-    if training and x.numel() // max(x.shape[1], 1) <= 1:
+    # values per channel as PyTorch counts them; an empty batch (0) is allowed in training (empty output, running
+    # statistics left alone), as in PyTorch
+    if training and math.prod(x.shape[:1] + x.shape[2:]) == 1:
         raise ValueError(
             f"fastjac.ops.{op}: expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}"
         )
     if not isinstance(momentum, (int, float)) or isinstance(momentum, bool):
         raise TypeError(f"fastjac.ops.{op}: momentum must be a float (the module resolves momentum=None), got {momentum!r}")
-    if not eps > 0:
-        raise ValueError(f"fastjac.ops.{op}: eps must be positive, got {eps!r}")
+    # PyTorch's F.batch_norm: eps > 0 in training, eps >= 0 in eval (1 / sqrt(running_var + eps) may be inf)
+    if training and not eps > 0:
+        raise ValueError(f"fastjac.ops.{op}: eps must be positive in training mode, got {eps!r}")
+    if not eps >= 0:
+        raise ValueError(f"fastjac.ops.{op}: eps must be non-negative, got {eps!r}")
 
 
 def _run(op, relu, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    if isinstance(x, Tensor) and x.dim() == 1 and x.numel() == 0:
+        # PyTorch accepts a 1-D empty input (an OpInfo sample of F.batch_norm): N x C = 0 x 0 here, so the
+        # per-channel vectors must be empty or None
+        y = _run(op, relu, x.view(0, 0), running_mean, running_var, weight, bias, training, momentum, eps)
+        return y.view(x.shape)
     switch = recording_switch()
     if use_cpp_chain(x) and type(momentum) is float:  # the C++ chain checks the other arguments itself
         return _cpp_batch_norm(x, weight, bias, running_mean, running_var, bool(training), momentum, float(eps), relu,

@@ -1,4 +1,4 @@
-"""Fused ReLU: saves a packed 1-bit mask (not x, not y); derivative at x == 0 is 0.
+"""Fused ReLU: saves a packed 1-bit mask (not x, not y); derivative at x == 0 is 0, NaN propagates as in torch.relu.
 
 Chain: forward (y, mask) -> backward (g * m), whose own VJP and JVP are the backward again, so every order is
 exact and the second derivative w.r.t. ``x`` is an absent (``None``) gradient rather than an allocated zero
@@ -75,7 +75,7 @@ _relu_backward = differentiable(
 
 
 def relu_backward(grad: Tensor, mask: Tensor) -> Tensor:
-    """VJP of ReLU, ``grad * 1[x > 0]`` with the forward's packed mask; differentiable in ``grad``."""
+    """VJP of ReLU, ``m ? grad : 0`` (``m``: x > 0 or NaN) with the forward's packed mask; differentiable in ``grad``."""
     return _relu_backward(grad.contiguous(), mask)
 
 

@@ -3,7 +3,7 @@
 Offsets are 64-bit: program ids are cast to int64 before they are multiplied by a block size. BatchNorm inputs
 are ``N x C x S`` (S = prod(spatial)) row-major, so element ``(n, c, s)`` is at ``n C S + c S + s``. The fused
 ReLU's mask is recomputed as ``z = a x + c`` with one fused multiply-add (``bn_z``), like ``csrc/common/
-batch_norm.h``, so every kernel gets the forward's ``y > 0`` bit for bit (KERNELS.md, "Fused ReLU").
+batch_norm.h``, so every kernel gets the forward's ``y > 0 or NaN`` bit for bit (KERNELS.md, "Fused ReLU").
 """
 import triton
 import triton.language as tl
@@ -58,10 +58,17 @@ def bn_z(a, x, c):
 
 
 @triton.jit
-def relu_on(z, OUT: tl.constexpr):
-    """The fused ReLU's mask bit ``z > 0`` as stored in the output dtype ``OUT`` (a float16 / bfloat16 ``z``
-    that rounds to 0 is off, like ``y``; a no-op rounding for float32 and float64)."""
-    return z.to(OUT).to(z.dtype) > 0
+def relu_on(x):
+    """The ReLU mask bit ``x > 0`` or ``x`` NaN (csrc/KERNELS.md, "ReLU and NaN": ``relu(NaN) = NaN`` and the gradient
+    passes through it, as ``threshold_backward`` does)."""
+    return (x > 0) | (x != x)
+
+
+@triton.jit
+def bn_relu_on(z, OUT: tl.constexpr):
+    """The fused ReLU's mask bit :func:`relu_on` of ``z`` as stored in the output dtype ``OUT`` (a float16 / bfloat16
+    ``z`` that rounds to 0 is off, like ``y``; a no-op rounding for float32 and float64)."""
+    return relu_on(z.to(OUT).to(z.dtype))
 
 
 @triton.jit

@@ -12,8 +12,9 @@ Inputs are ``N x C x S`` (S = prod(spatial)), reduced per channel over ``M = N S
 
 Reductions are deterministic: each channel is split into fixed chunks (``_launch.REDUCE_CHUNK``) reduced by one
 program each into a ``C x P`` buffer whose partials the per-channel kernels add in order; no atomics. With
-``relu`` the mask ``m = z > 0`` is recomputed in every kernel from x, mean, invstd, weight and bias with the same
-``z_coef``, ``bn_z`` and ``relu_on``, so it is the forward's ``y > 0`` bit for bit.
+``relu`` the mask ``m = bn_relu_on(z)`` (``z > 0`` or NaN) is recomputed in every kernel from x, mean, invstd,
+weight and bias with the same ``z_coef``, ``bn_z`` and ``bn_relu_on``, so it is the forward's ``y > 0 or NaN`` bit
+for bit.
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ import triton.language as tl
 
 from . import _launch
 from .batch_norm_coef import BWD, DBWD, JVP, K_COLUMNS, bn_coef_kernel, bn_stats_kernel, channel_z
-from ._jit import block_offsets, bn_z, channel_of, channel_offsets, div_rn, relu_on, select
+from ._jit import block_offsets, bn_relu_on, bn_z, channel_of, channel_offsets, div_rn, select
 
 
 @triton.jit
 def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, IDX32: tl.constexpr, ACC: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """Partial ``(count, mean, M2)`` of elements ``[p CHUNK, (p + 1) CHUNK)`` of channel ``c`` (grid ``C x P``).
+    """Partial ``(count, mean, M2, sum)`` of elements ``[p CHUNK, (p + 1) CHUNK)`` of channel ``c`` (grid ``C x P``;
+    the plain sum serves a channel holding inf, :func:`.batch_norm_coef.mean_var`).
 
     Divisions are IEEE-rounded (``div_rn``; compiled Triton's ``/`` on float32 is approximate), so a constant
     channel gets its exact mean, as in the C++/CUDA kernels (measured on an H100: ``/`` gave 1.2500001 for 1.25)."""
@@ -39,10 +41,12 @@ def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, IDX32: tl.constexpr, AC
     n = tl.zeros([BLOCK], ACC)
     mean = tl.zeros([BLOCK], ACC)
     m2 = tl.zeros([BLOCK], ACC)
+    total = tl.zeros([BLOCK], ACC)
     for j0 in range(0, CHUNK, BLOCK):
         j = p * CHUNK + j0 + lane
         inside = j < M
         x = tl.load(x_ptr + channel_offsets(j, c, S, CS, IDX32), mask=inside, other=0).to(ACC)
+        total += x
         n += inside.to(ACC)
         d = x - mean
         mean += tl.where(inside, div_rn(d, tl.maximum(n, 1.0), ACC), 0.0)
@@ -50,23 +54,24 @@ def _bn_moments_kernel(x_ptr, part_ptr, S, CS, M, CHUNK, IDX32: tl.constexpr, AC
     count = tl.sum(n, axis=0)
     mu = div_rn(tl.sum(n * mean, axis=0), tl.maximum(count, 1.0), ACC)
     dev = mean - mu
-    out = part_ptr + (c * tl.num_programs(1) + p) * 3
+    out = part_ptr + (c * tl.num_programs(1) + p) * 4
     tl.store(out, count)
     tl.store(out + 1, mu)
     tl.store(out + 2, tl.sum(m2, axis=0) + tl.sum(n * dev * dev, axis=0))
+    tl.store(out + 3, tl.sum(total, axis=0))
 
 
 @triton.jit
 def _bn_fwd_kernel(x_ptr, k_ptr, y_ptr, numel, S, C, RELU: tl.constexpr, IDX32: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr):
-    """``y = z = a x + c`` or ``relu(z)`` (a selection by ``relu_on(z)``), ``(a, c)`` from the coefficient table."""
+    """``y = z = a x + c`` or ``relu(z)`` (a selection by ``bn_relu_on(z)``), ``(a, c)`` from the coefficient table."""
     offs = block_offsets(BLOCK)
     inside = offs < numel
     k = k_ptr + channel_of(offs, S, C, IDX32) * 10
     x = tl.load(x_ptr + offs, mask=inside, other=0).to(ACC)
     z = bn_z(tl.load(k + 8, mask=inside, other=0), x, tl.load(k + 9, mask=inside, other=0))
     if RELU:
-        z = select(relu_on(z, y_ptr.dtype.element_ty), z)
+        z = select(bn_relu_on(z, y_ptr.dtype.element_ty), z)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=inside)
 
 
@@ -75,7 +80,7 @@ def _masked_grad(g_ptr, offs, inside, x, za, zc, RELU: tl.constexpr, ACC: tl.con
     """``g~ = m ? g : 0`` (``g`` unchanged without the fused ReLU)."""
     g = tl.load(g_ptr + offs, mask=inside, other=0).to(ACC)
     if RELU:
-        g = select(relu_on(bn_z(za, x, zc), g_ptr.dtype.element_ty), g)
+        g = select(bn_relu_on(bn_z(za, x, zc), g_ptr.dtype.element_ty), g)
     return g
 
 
@@ -122,9 +127,12 @@ def _bn_sums_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, par
 
 
 @triton.jit
-def _affine_at(k, inside, u, g, xh, HAS_G: tl.constexpr, HAS_U: tl.constexpr):
-    """``cu u + cg g~ + cx xh + c0`` with the coefficients ``(cu, cg, cx, c0)`` at ``k`` (per element)."""
-    v = tl.load(k + 2, mask=inside, other=0) * xh + tl.load(k + 3, mask=inside, other=0)
+def _affine_at(k, inside, u, g, xh, HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_XH: tl.constexpr):
+    """``cu u + cg g~ + cx xh + c0`` with the coefficients ``(cu, cg, cx, c0)`` at ``k`` (per element; without
+    ``HAS_XH`` the ``cx xh`` term is omitted: ``cx`` is 0 there, and ``0 * xh`` would be NaN at a non-finite x)."""
+    v = tl.load(k + 3, mask=inside, other=0)
+    if HAS_XH:
+        v += tl.load(k + 2, mask=inside, other=0) * xh
     if HAS_G:
         v += tl.load(k + 1, mask=inside, other=0) * g
     if HAS_U:
@@ -135,17 +143,20 @@ def _affine_at(k, inside, u, g, xh, HAS_G: tl.constexpr, HAS_U: tl.constexpr):
 @triton.jit
 def _bn_affine_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, k_ptr, out1_ptr, out2_ptr, numel, S, C,
                       HAS_G: tl.constexpr, HAS_U: tl.constexpr, G_IN_OUT1: tl.constexpr, RELU: tl.constexpr,
-                      MASK_OUT1: tl.constexpr, TWO: tl.constexpr, IDX32: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      MASK_OUT1: tl.constexpr, TWO: tl.constexpr, XH1: tl.constexpr, XH2: tl.constexpr,
+                      IDX32: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 2: ``out1 = [m *] affine(k1)`` (reading ``g~`` only when ``G_IN_OUT1``: bn_dbwd's ``ggrad`` has no
-    ``g~`` term) and, when ``TWO``, ``out2 = affine(k2)``; ``m`` is recomputed when ``RELU``."""
+    ``g~`` term) and, when ``TWO``, ``out2 = affine(k2)``; ``m`` is recomputed when ``RELU``. ``out1`` / ``out2``
+    have a ``cx xh`` term only with ``XH1`` / ``XH2``."""
     offs = block_offsets(BLOCK)
     inside = offs < numel
     c = channel_of(offs, S, C, IDX32)
     k = k_ptr + c * 10
     x = tl.load(x_ptr + offs, mask=inside, other=0).to(ACC)
-    xh = (x - tl.load(mean_ptr + c, mask=inside, other=0).to(ACC)) * tl.load(invstd_ptr + c, mask=inside,
-                                                                            other=0).to(ACC)
+    xh = tl.zeros_like(x)
+    if XH1 or XH2:
+        xh = (x - tl.load(mean_ptr + c, mask=inside, other=0).to(ACC)) * tl.load(invstd_ptr + c, mask=inside,
+                                                                                other=0).to(ACC)
     u = xh  # placeholders for absent operands (their coefficients are not read)
     g = xh
     za = xh
@@ -157,12 +168,12 @@ def _bn_affine_kernel(x_ptr, g_ptr, u_ptr, mean_ptr, invstd_ptr, k_ptr, out1_ptr
         u = tl.load(u_ptr + offs, mask=inside, other=0).to(ACC)
     if HAS_G:
         g = _masked_grad(g_ptr, offs, inside, x, za, zc, RELU, ACC)
-    v1 = _affine_at(k, inside, u, g, xh, G_IN_OUT1, HAS_U)
+    v1 = _affine_at(k, inside, u, g, xh, G_IN_OUT1, HAS_U, XH1)
     if RELU and MASK_OUT1:
-        v1 = select(relu_on(bn_z(za, x, zc), out1_ptr.dtype.element_ty), v1)
+        v1 = select(bn_relu_on(bn_z(za, x, zc), out1_ptr.dtype.element_ty), v1)
     tl.store(out1_ptr + offs, v1.to(out1_ptr.dtype.element_ty), mask=inside)
     if TWO:
-        v2 = _affine_at(k + 4, inside, u, g, xh, HAS_G, HAS_U)
+        v2 = _affine_at(k + 4, inside, u, g, xh, HAS_G, HAS_U, XH2)
         tl.store(out2_ptr + offs, v2.to(out2_ptr.dtype.element_ty), mask=inside)
 
 
@@ -221,9 +232,12 @@ class _Channels:
                     HAS_P=p is not None, HAS_Q=q is not None, ACC=self.acc, BLOCK_C=_launch.CHANNEL_BLOCK)
         return gw, gb
 
-    def affine(self, g, u, two, relu, mask_out1):
+    def affine(self, g, u, two, relu, mask_out1, xh=(True, True)):
         """Pass 2: ``out1`` from ``k1``, or ``(out1, out2)`` from ``k1``, ``k2`` when ``two`` (then ``out1`` has no
-        ``g~`` term), in x's dtype; ``out1`` is masked when ``relu`` and ``mask_out1``."""
+        ``g~`` term), in x's dtype; ``out1`` is masked when ``relu`` and ``mask_out1``. ``xh``: whether ``out1``,
+        ``out2`` have a ``cx xh`` term; not where ``cx`` is zero in eval mode (gx; ggrad without ``ggw``, y_dot
+        without ``tw``), like the C++ plans (csrc/common/batch_norm_element.h), so that a non-finite ``x`` does
+        not reach outputs that do not depend on it."""
         x = self.x
         out1 = torch.empty_like(x)
         out2 = torch.empty_like(x) if two else out1
@@ -232,7 +246,8 @@ class _Channels:
                 _bn_affine_kernel[(triton.cdiv(x.numel(), _launch.BLOCK),)](
                     x, self._ptr(g), self._ptr(u), self.mean, self.invstd, self.k, out1, out2, x.numel(), self.S,
                     self.C, HAS_G=g is not None, HAS_U=u is not None, G_IN_OUT1=g is not None and not two,
-                    RELU=relu, MASK_OUT1=mask_out1, TWO=two, IDX32=self.idx32, ACC=self.acc, BLOCK=_launch.BLOCK)
+                    RELU=relu, MASK_OUT1=mask_out1, TWO=two, XH1=xh[0], XH2=xh[1], IDX32=self.idx32, ACC=self.acc,
+                    BLOCK=_launch.BLOCK)
         return (out1, out2) if two else out1
 
 
@@ -264,7 +279,7 @@ def bn_fwd(x, weight, bias, running_mean, running_var, training: bool, momentum:
     invstd = torch.empty_like(mean)
     ch = _Channels(x, mean, invstd, weight, bias)
     C, M = ch.C, ch.M
-    if training and M <= 1:
+    if training and M == 1:  # an empty batch is allowed, as in PyTorch (no statistics, running ones untouched)
         raise RuntimeError(f"{op}: Expected more than 1 value per channel when training, got input size "
                            f"{tuple(x.shape)}")
     if not training and running_mean is None:
@@ -273,9 +288,9 @@ def bn_fwd(x, weight, bias, running_mean, running_var, training: bool, momentum:
     rm, rv = _launch.contiguous(running_mean), _launch.contiguous(running_var)
     parts = None
     with _launch.device_guard(x):
-        if training:
+        if training and M:
             chunk = _chunk(M)
-            parts = torch.empty((C, triton.cdiv(M, chunk), 3), dtype=stat, device=x.device)
+            parts = torch.empty((C, triton.cdiv(M, chunk), 4), dtype=stat, device=x.device)
             _bn_moments_kernel[(C, parts.shape[1])](x, parts, ch.S, C * ch.S, M, chunk, IDX32=ch.idx32, ACC=ch.acc,
                                                      BLOCK=_launch.REDUCE_BLOCK)
         params = torch.tensor([eps, momentum, 1 - momentum], dtype=stat, device=x.device)
@@ -283,7 +298,7 @@ def bn_fwd(x, weight, bias, running_mean, running_var, training: bool, momentum:
             bn_stats_kernel[(triton.cdiv(C, _launch.CHANNEL_BLOCK),)](
                 x if parts is None else parts, 0 if parts is None else parts.shape[1], ch._ptr(rm), ch._ptr(rv),
                 ch._ptr(ch.w), ch._ptr(ch.b), params, mean, invstd, ch.k, C, M, TRAINING=training,
-                HAS_RUNNING=rm is not None, HAS_W=ch.w is not None, HAS_B=ch.b is not None, ACC=ch.acc,
+                HAS_RUNNING=rm is not None and M > 0, HAS_W=ch.w is not None, HAS_B=ch.b is not None, ACC=ch.acc,
                 BLOCK_C=_launch.CHANNEL_BLOCK)
         y = torch.empty_like(x)
         if x.numel():
@@ -302,7 +317,7 @@ def bn_bwd(grad, x, mean, invstd, weight, bias, training: bool, relu: bool):
     x, g = x.contiguous(), grad.contiguous()
     ch = _Channels(x, mean, invstd, weight, bias if relu else None)
     gw, gb = ch.coefficients(BWD, ch.sums(g, None, relu), training)
-    return ch.affine(g, None, False, relu, False), gw, gb
+    return ch.affine(g, None, False, relu, False, xh=(training, False)), gw, gb
 
 
 def bn_dbwd(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training: bool, relu: bool):
@@ -316,7 +331,7 @@ def bn_dbwd(ggx, ggw, ggb, grad, x, mean, invstd, weight, bias, training: bool, 
     ch = _Channels(x, mean, invstd, weight, bias if relu else None)
     parts = ch.sums(g, u, relu) if training or u is not None else None
     gw, _ = ch.coefficients(DBWD, parts, training, _launch.contiguous(ggw), _launch.contiguous(ggb))
-    ggrad, gx = ch.affine(g, u, True, relu, True)
+    ggrad, gx = ch.affine(g, u, True, relu, True, xh=(training or ggw is not None, training))
     return ggrad, gx, gw
 
 
@@ -331,4 +346,4 @@ def bn_jvp(tx, tw, tb, x, mean, invstd, weight, bias, training: bool, relu: bool
     ch = _Channels(x, mean, invstd, weight, bias if relu else None)
     ch.coefficients(JVP, ch.sums(None, u, relu) if training else None, training, _launch.contiguous(tw),
                     _launch.contiguous(tb))
-    return ch.affine(None, u, False, relu, True)
+    return ch.affine(None, u, False, relu, True, xh=(training or tw is not None, False))

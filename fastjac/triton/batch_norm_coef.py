@@ -91,6 +91,7 @@ def dbwd_coef(su, sux, sg, sgx, sug, count, gamma, r, p, q, TRAINING: tl.constex
         gx_cx = -gr2 * (C - 2.0 * B * Ux) - pr * B
         gx_c0 = gr2 * (B * U + Ux * A) - pr * A
         gw = r * count * C
+    gw = tl.where(count > 0, gw, 0.0)  # an empty channel: a sum over nothing (C is 0 / 0)
     return gr, ggrad_cx, ggrad_c0, gx_cu, gx_cg, gx_cx, gx_c0, gw
 
 
@@ -105,6 +106,18 @@ def jvp_coef(su, sux, count, gamma, r, tw, tb, TRAINING: tl.constexpr):
         cx = tw - gr * sux / count
         c0 = tb - gr * su / count
     return gr, cx, c0
+
+
+@triton.jit
+def mean_var(n, mean, m2, total, ACC: tl.constexpr):
+    """``bn_mean_var`` of csrc/common/batch_norm.h: ``(mean, M2 / n)`` from Chan's merged moments, but where the
+    merged mean is not finite (the channel holds inf or NaN: Welford's update gives inf - inf = NaN for +inf among
+    finite values) PyTorch's ``sum / n`` and a NaN variance; ``(0, 0)`` for an empty channel."""
+    finite = (mean - mean) == 0
+    n1 = tl.maximum(n, 1.0)
+    mean = tl.where(finite, mean, div_rn(total, n1, ACC))
+    var = tl.where(finite, div_rn(m2, n1, ACC), float("nan"))
+    return mean, var
 
 
 @triton.jit
@@ -166,8 +179,9 @@ def bn_coef_kernel(part_ptr, P, mean_ptr, invstd_ptr, w_ptr, b_ptr, p_ptr, q_ptr
 def bn_stats_kernel(part_ptr, P, rm_ptr, rv_ptr, w_ptr, b_ptr, params_ptr, mean_ptr, invstd_ptr, k_ptr, C, M,
                     TRAINING: tl.constexpr, HAS_RUNNING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """bn_fwd's statistics for a block of channels. Training: merge the ``P`` partial ``(count, mean, M2)`` in
-    order (Chan et al.), biased ``var = M2 / M``; running statistics updated in place,
+    """bn_fwd's statistics for a block of channels. Training: merge the ``P`` partial ``(count, mean, M2, sum)`` in
+    order (Chan et al.), biased ``var = M2 / M`` (:func:`mean_var`; the caller passes no running statistics for an
+    empty batch, which leaves them alone); running statistics updated in place,
     ``rm = (1 - momentum) rm + momentum mean``, ``rv = (1 - momentum) rv + momentum var M / (M - 1)``.
     Eval: ``mean = rm``, ``var = rv``. Writes ``mean``, ``invstd = 1 / sqrt(var + eps)`` and the ``(a, c)`` of
     ``z = a x + c`` (columns 8, 9 of the coefficient table). ``params = (eps, momentum, 1 - momentum)``."""
@@ -178,16 +192,18 @@ def bn_stats_kernel(part_ptr, P, rm_ptr, rv_ptr, w_ptr, b_ptr, params_ptr, mean_
         n = tl.zeros([BLOCK_C], ACC)
         mean = tl.zeros([BLOCK_C], ACC)
         m2 = tl.zeros([BLOCK_C], ACC)
+        total_sum = tl.zeros([BLOCK_C], ACC)
         for i in range(0, P):
-            s = part_ptr + (c * P + i) * 3
+            s = part_ptr + (c * P + i) * 4
             nb = tl.load(s, mask=inside, other=0).to(ACC)
             total = n + nb
             frac = div_rn(nb, tl.maximum(total, 1.0), ACC)
             delta = tl.load(s + 1, mask=inside, other=0).to(ACC) - mean
             mean += delta * frac
             m2 += tl.load(s + 2, mask=inside, other=0).to(ACC) + delta * delta * n * frac
+            total_sum += tl.load(s + 3, mask=inside, other=0).to(ACC)
             n = total
-        var = div_rn(m2, tl.maximum(n, 1.0), ACC)
+        mean, var = mean_var(n, mean, m2, total_sum, ACC)
         if HAS_RUNNING:
             momentum = tl.load(params_ptr + 1).to(ACC)
             keep = tl.load(params_ptr + 2).to(ACC)

@@ -1,4 +1,5 @@
-"""Triton ReLU kernels: ``relu_fwd(x) = (max(x, 0), mask(x > 0))`` and ``relu_bwd(g, mask) = g * m``.
+"""Triton ReLU kernels: ``relu_fwd(x) = (relu(x), mask relu_on(x))`` and ``relu_bwd(g, mask) = m ? g : 0``
+(``relu_on``: ``x > 0`` or NaN, csrc/KERNELS.md "ReLU and NaN").
 
 The mask is packed (csrc/KERNELS.md, "Conventions"): ``ceil(numel / 8)`` uint8 bytes, element ``i`` is bit
 ``i % 8`` of byte ``i // 8``; padding bits of the last byte are zero. Each program handles ``BLOCK // 8``
@@ -9,14 +10,14 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._jit import mask_byte_tile, select
+from ._jit import mask_byte_tile, relu_on, select
 
 
 @triton.jit
 def _relu_fwd_kernel(x_ptr, y_ptr, mask_ptr, numel, nbytes, BYTES: tl.constexpr):
     byte, bit, offs, inside = mask_byte_tile(BYTES, numel)
     x = tl.load(x_ptr + offs, mask=inside, other=0)
-    on = x > 0  # NaN and -0.0 are off
+    on = relu_on(x)  # -0.0 is off, NaN is on
     tl.store(y_ptr + offs, select(on, x), mask=inside)
     bits = tl.where(on & inside, 1, 0) << bit[None, :]
     tl.store(mask_ptr + byte, tl.sum(bits, axis=1).to(tl.uint8), mask=byte < nbytes)
@@ -36,7 +37,7 @@ def _grid(numel):
 
 
 def relu_fwd(x: torch.Tensor):
-    """``(max(x, 0), packed mask of x > 0)``."""
+    """``(relu(x), packed mask relu_on(x))``: NaN stays NaN with its bit set."""
     op = "fastjac.triton.relu_fwd"
     _launch.check_float(x, op, "x")
     x = x.contiguous()
