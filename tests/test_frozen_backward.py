@@ -36,13 +36,19 @@ def _batch():
     return torch.randn(6, 2, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 0])
 
 
-def _one_pass(model, x, y, lam):
+def _frozen_rows(model, x, y):
+    """(logits, j): the clean pass recorded with a switch, and its frozen input gradient (with create_graph)."""
     x = x.clone().requires_grad_()
     switch = FrozenBackward()
     with switch.recording():
         logits = model(x)
     with switch.frozen():
         (j,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), x, create_graph=True)
+    return logits, j
+
+
+def _one_pass(model, x, y, lam):
+    logits, j = _frozen_rows(model, x, y)
     loss = F.cross_entropy(logits, y) + lam * j.pow(2).flatten(1).sum(1).mean()
     return j, loss, torch.autograd.grad(loss, list(model.parameters()))
 
@@ -131,12 +137,7 @@ def test_recording_needs_the_cpp_chain():
 def test_third_derivative_through_the_frozen_link_is_refused():
     model = _model("resnet18")
     x, y = _batch()
-    x = x.clone().requires_grad_()
-    switch = FrozenBackward()
-    with switch.recording():
-        logits = model(x)
-    with switch.frozen():
-        (j,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), x, create_graph=True)
+    _, j = _frozen_rows(model, x, y)
     penalty = j.pow(2).sum()
     params = [p for p in model.parameters()]
     grads = torch.autograd.grad(penalty, params, create_graph=True, allow_unused=True)
