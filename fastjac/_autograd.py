@@ -49,7 +49,9 @@ def differentiable(
 
     ``setup_context(ctx, inputs, output)`` must save what ``backward`` and ``jvp`` read with
     ``ctx.save_for_backward`` (it is also used for forward mode). ``forward(*args)``, default ``op``,
-    runs below autograd and functorch transforms, on plain tensors.
+    runs below autograd and functorch transforms, on plain tensors. While ``torch.compile`` traces, the
+    returned function calls ``forward`` / the op directly (autograd through the registration), so a converted
+    model compiles into one graph (``fullgraph=True``; tests/test_cpp_chain.py).
     """
 
     def _setup(ctx, inputs, output):
@@ -82,7 +84,17 @@ def differentiable(
             "jvp": staticmethod(jvp),
         },
     )
-    return fn.apply
+    apply = fn.apply
+
+    def call(*args):
+        # Under torch.compile, the registered op itself (its autograd registered above): Dynamo traces it into one
+        # graph, where it cannot trace an autograd.Function with a custom jvp (a graph break). Forward mode is not
+        # traced by torch.compile, so nothing is lost.
+        if torch.compiler.is_compiling():
+            return run(*args)
+        return apply(*args)
+
+    return call
 
 
 def _partial(fn: Callable, inputs: Sequence, chosen: Sequence[bool]):
