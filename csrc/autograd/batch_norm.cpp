@@ -74,19 +74,28 @@ Tensor per_channel(const Tensor& v, const Tensor& x) {
 }
 
 // The gradient reaching x through the batch statistics, from the gradients of the mean and invstd outputs
-// (differentiable on a switchable graph only): dmean/dx = 1/M, dinvstd/dx = -r^3 (x - mean) / M.
+// (differentiable on a switchable graph only): dmean/dx = 1/M, dinvstd/dx = -r^3 (x - mean) / M, i.e. per channel
+// a + b xh with a = g_mean / M, b = -g_invstd r^2 / M. Without create_graph that is one pass of bn_jvp's eval
+// formula (tangents tw = b, tb = a, none for x: y_dot = tw xh + tb); with it, differentiable ATen ops.
 Tensor through_statistics(const Tensor& g_mean, const Tensor& g_invstd, const Tensor& x, const Tensor& mean,
                           const Tensor& invstd) {
-  const double count = static_cast<double>(x.numel() / x.size(1));
+  const int64_t count = x.numel() / std::max<int64_t>(x.size(1), 1);
+  if (count == 0) return at::zeros_like(x);
+  const OptTensor a = g_mean.defined() ? OptTensor(g_mean / static_cast<double>(count)) : std::nullopt;
+  const OptTensor b = g_invstd.defined() ? OptTensor(g_invstd * invstd * invstd * (-1.0 / count)) : std::nullopt;
+  if (!at::GradMode::is_enabled()) {
+    static const auto jvp = op_handle<Tensor(const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                             const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool,
+                                             bool)>("fastjac::bn_jvp");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return jvp.call(std::nullopt, b, a, x, mean, invstd, std::nullopt, std::nullopt, false, false);
+  }
   Tensor out;
-  if (g_invstd.defined()) {
+  if (b.has_value()) {
     const Tensor xh = (x.to(mean.scalar_type()) - per_channel(mean, x)) * per_channel(invstd, x);
-    out = xh * per_channel(g_invstd * invstd * invstd, x) * (-1.0 / count);
+    out = xh * per_channel(*b, x);
   }
-  if (g_mean.defined()) {
-    const Tensor m = per_channel(g_mean / count, x);
-    out = out.defined() ? out + m : m.expand_as(x);
-  }
+  if (a.has_value()) out = out.defined() ? out + per_channel(*a, x) : per_channel(*a, x).expand_as(x);
   return out.to(x.scalar_type());
 }
 

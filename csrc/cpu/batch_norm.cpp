@@ -182,8 +182,7 @@ struct MomentsPass {
 struct Stats {
   std::vector<double> mean, invstd;  // values of the statistics tensors (float32 or float64)
   std::vector<BnZ<double>> z;        // the forward's z = a x + c per channel (set_z), when needed
-  Stats(const Tensor& m, const Tensor& r) : mean(to_vector(m)), invstd(to_vector(r)) {}
-  static std::vector<double> to_vector(const Tensor& t) { return read_channels(t); }
+  Stats(const Tensor& m, const Tensor& r) : mean(read_channels(m)), invstd(read_channels(r)) {}
   // bn_z_coef of every channel: the same values in bn_fwd and in the kernels after it, which get the forward's
   // mean and invstd tensors (exactly representable in double) and the same weight and bias.
   void set_z(const std::vector<double>& gamma, const std::vector<double>& beta) {
@@ -254,7 +253,7 @@ std::vector<double> channel_values(const OptTensor& t, const Tensor& x, double f
                                    const char* name) {
   if (!t.has_value()) return std::vector<double>(x.size(1), fill);
   bn_check_channel(*t, x, op, name);
-  return Stats::to_vector(*t);
+  return read_channels(*t);
 }
 
 // Statistics of bn_bwd / bn_dbwd / bn_jvp, with the mask coefficients when `relu` (bias is read only then).
@@ -325,10 +324,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& wei
       const BnMeanVar<double> mv = bn_mean_var(mom[c]);
       mu[c] = mv.mean, var[c] = mv.var;
     }
-    const TrainStats stats = bn_train_stats(x, mu, var, geo.count(), eps, running_mean, running_var, momentum);
+    const ChannelStats stats = bn_train_stats(x, mu, var, geo.count(), eps, running_mean, running_var, momentum);
     mean = stats.mean, invstd = stats.invstd;
   } else {
-    const TrainStats stats = bn_eval_stats_cpu(x, *running_mean, *running_var, eps);
+    const ChannelStats stats = bn_eval_stats_cpu(x, *running_mean, *running_var, eps);
     mean = stats.mean, invstd = stats.invstd;
   }
   const Tensor y = empty_output(x);

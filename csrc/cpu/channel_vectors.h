@@ -51,14 +51,16 @@ inline void blend_into(const at::Tensor& r, const std::vector<double>& s, double
   });
 }
 
-// Training statistics of bn_fwd from the per-channel moments: mean and invstd = 1 / sqrt(var + eps) as tensors
-// of the statistics dtype, and the running statistics' update with the unbiased variance var M / (M - 1) (none for an
-// empty batch, bn_updates_running).
-struct TrainStats {
+// bn_fwd's statistics tensors (statistics dtype).
+struct ChannelStats {
   at::Tensor mean, invstd;
 };
 
-inline TrainStats bn_train_stats(const at::Tensor& x, const std::vector<double>& mean, const std::vector<double>& var,
+// Training statistics of bn_fwd from the per-channel moments: mean and invstd = 1 / sqrt(var + eps), and the
+// running statistics' update with the unbiased variance var M / (M - 1) (none for an empty batch,
+// bn_updates_running).
+
+inline ChannelStats bn_train_stats(const at::Tensor& x, const std::vector<double>& mean, const std::vector<double>& var,
                                  int64_t count, double eps, const std::optional<at::Tensor>& running_mean,
                                  const std::optional<at::Tensor>& running_var, double momentum) {
   const at::ScalarType dtype = bn_stat_dtype(x);
@@ -74,7 +76,7 @@ inline TrainStats bn_train_stats(const at::Tensor& x, const std::vector<double>&
 }
 
 // Eval statistics: (mean, invstd) = (rm, 1 / sqrt(rv + eps)) in the statistics dtype.
-inline TrainStats bn_eval_stats_cpu(const at::Tensor& x, const at::Tensor& running_mean,
+inline ChannelStats bn_eval_stats_cpu(const at::Tensor& x, const at::Tensor& running_mean,
                                     const at::Tensor& running_var, double eps) {
   const std::vector<double> rv = read_channels(running_var);
   std::vector<double> invstd(rv.size());
