@@ -8,7 +8,8 @@ Runs, in this order and in one process (peak memory: one fresh subprocess per VG
 3. VGG-9-BN training steps (a) CE, (b) Jacobian, (c) Jacobian on ``fastjac.convert(model)``; the first
    step of each is run under the saved-tensor hooks (it doubles as a warm-up), then the timed steps;
 4. peak memory of one step per variant (:mod:`benchmarks._memory`);
-5. the per-call cost on tiny tensors, one thread (:mod:`benchmarks.call_overhead`).
+5. the per-call cost on tiny tensors, one thread (:mod:`benchmarks.call_overhead`);
+6. ``torch.func`` transforms of converted vs unconverted models (:mod:`benchmarks.torch_func_cost`).
 
 Prints the machine and ONE markdown table (median of the timed repeats after warm-up), then the
 issue's targets with pass/fail. Progress goes to stderr.
@@ -27,7 +28,7 @@ import torch
 
 import fastjac
 
-from . import call_overhead
+from . import call_overhead, torch_func_cost
 from ._common import (
     IMPLS,
     ForeignLoad,
@@ -168,6 +169,9 @@ def run_all(mode: str, backend: str | None, with_memory: bool = True, max_load: 
     log("call overhead (tiny tensors, one thread)")
     res["call_overhead"], res["call_overhead_foreign_load"] = guard.run(
         lambda: call_overhead.measure(repeats=7 if mode == "full" else 3))
+    log("torch.func transforms (converted vs unconverted models)")
+    res["torch_func"], res["torch_func_foreign_load"] = guard.run(
+        lambda: torch_func_cost.measure(repeats=5 if mode == "full" else 2))
     res["loadavg_end"] = loadavg()
     res["foreign_load"] = total_load.stop()
     return res
@@ -252,6 +256,9 @@ def render(res: dict) -> str:
     if res.get("call_overhead"):
         out += ["", f"Per-call cost (other load {_pct(res.get('call_overhead_foreign_load'))}):", "",
                 call_overhead.markdown(res["call_overhead"])]
+    if res.get("torch_func"):
+        out += ["", f"torch.func transforms (other load {_pct(res.get('torch_func_foreign_load'))}):", "",
+                torch_func_cost.markdown(res["torch_func"])]
     return "\n".join(out)
 
 
@@ -310,6 +317,10 @@ def targets(res: dict) -> list[tuple[str, str, str]]:
         what = "forward call" if r["order"] == "forward" else "fwd+bwd+dbwd chain"
         rows.append((f"{r['op']} {what}, tiny tensor: fastjac ≤ {r['target']:g}× PyTorch", f"{r['ratio']:.2f}×",
                      "PASS" if r["ratio"] <= r["target"] else "FAIL"))
+    for r in res.get("torch_func", []):
+        if r["target"] is not None:
+            rows.append((f"torch.func {r['transform']} of converted {r['model']} ≤ {r['target']:g}× unconverted",
+                         f"{r['ratio']:.2f}×", "PASS" if r["ratio"] <= r["target"] else "FAIL"))
     return rows
 
 

@@ -43,7 +43,8 @@ def direct(op) -> Callable:
 
 
 def differentiable(
-    op, *, setup_context: Callable, backward: Callable, jvp: Callable, forward: Callable | None = None
+    op, *, setup_context: Callable, backward: Callable, jvp: Callable, vmap: Callable,
+    forward: Callable | None = None,
 ) -> Callable:
     """Register ``backward`` on the custom op ``op`` and return an ``apply`` that also supports ``jvp``.
 
@@ -52,6 +53,9 @@ def differentiable(
     runs below autograd and functorch transforms, on plain tensors. While ``torch.compile`` traces, the
     returned function calls ``forward`` / the op directly (autograd through the registration), so a converted
     model compiles into one graph (``fullgraph=True``; tests/test_cpp_chain.py).
+
+    ``vmap(apply, info, in_dims, *args)`` is the link's batching rule (:mod:`fastjac.ops._vmap`): it gets the
+    physical tensors of one ``torch.vmap`` level and calls ``apply`` (this link again) on a reshaped problem.
     """
 
     def _setup(ctx, inputs, output):
@@ -82,6 +86,7 @@ def differentiable(
             "setup_context": staticmethod(setup_both),
             "backward": staticmethod(backward),
             "jvp": staticmethod(jvp),
+            "vmap": staticmethod(lambda info, in_dims, *args: vmap(fn.apply, info, in_dims, *args)),
         },
     )
     apply = fn.apply

@@ -10,8 +10,11 @@ Every fused op has its forward, backward and double backward as dispatcher ops (
 - the **Python chain** (``torch.library.custom_op`` + ``autograd.Function`` in each op module): it serves the
   Python-kernel backends (``reference``, ``triton``) and everything PyTorch does not support for C++
   autograd functions or that must see the registered Python ops: forward-mode AD (dual tensors,
-  ``torch.func.jvp``), ``torch.func`` transforms (``grad``, ``vjp``, ``vmap``...), ``torch.compile`` tracing,
-  dispatch modes (``FakeTensorMode``, ``opcheck``) and tensor subclasses.
+  ``torch.func.jvp``), ``torch.func`` transforms (``grad``, ``vjp``, ``vmap``...: each link's ``autograd.Function``
+  carries a batching rule, :mod:`fastjac.ops._vmap`), ``torch.compile`` tracing, dispatch modes (``FakeTensorMode``,
+  ``opcheck``) and tensor subclasses. (PyTorch refuses C++ autograd functions under ``torch.func``. Autograd's own
+  ``is_grads_batched`` uses its legacy ``vmap``, which neither chain's rules reach: on the C++ chain it runs
+  PyTorch's per-member fallback, correct and slower.)
 
 :func:`use_cpp_chain` decides per call, in well under a microsecond.
 """

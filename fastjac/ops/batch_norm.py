@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import _backend, reference
 from .._autograd import differentiable, direct, reference_links, save_inputs, saved_inputs
 from ._checks import check_channel_vector, check_float_tensor
+from . import _vmap
 from ._paths import cpp_entry, use_cpp_chain
 from .frozen_backward import recording_switch
 from ._third_order import register_reference_vjp
@@ -178,15 +179,24 @@ def _forward_and_update(x, weight, bias, running_mean, running_var, training, mo
 
 
 _batch_norm = differentiable(
-    _batch_norm_op, setup_context=_save_forward, backward=_forward_vjp, jvp=_forward_jvp, forward=_forward_and_update
+    _batch_norm_op, setup_context=_save_forward, backward=_forward_vjp, jvp=_forward_jvp,
+    vmap=_vmap.batch_norm_forward, forward=_forward_and_update,
 )
+# batching rules of the links after the forward (fastjac.ops._vmap)
+_BACKWARD_RULE = _vmap.channel_folded("ffcccc--", "fcc")  # (grad, x, mean, invstd, weight, bias, ..) -> (gx, gw, gb)
+_DOUBLE_BACKWARD_RULE = _vmap.channel_folded("fccffcccc--", "ffc")  # (ggx, ggw, ggb, grad, x, ...) -> (ggrad, gx, gw)
+_JVP_RULE = _vmap.channel_folded("fccfcccc--", "f")  # (tx, tw, tb, x, mean, invstd, weight, bias, ..) -> y_dot
 _batch_norm_backward = differentiable(
-    _batch_norm_backward_op, setup_context=save_inputs, backward=_backward_vjp, jvp=_backward_ref_jvp
+    _batch_norm_backward_op, setup_context=save_inputs, backward=_backward_vjp, jvp=_backward_ref_jvp,
+    vmap=_BACKWARD_RULE,
 )
 _batch_norm_double_backward = differentiable(
-    _batch_norm_double_backward_op, setup_context=save_inputs, backward=_dbwd_vjp, jvp=_dbwd_jvp
+    _batch_norm_double_backward_op, setup_context=save_inputs, backward=_dbwd_vjp, jvp=_dbwd_jvp,
+    vmap=_DOUBLE_BACKWARD_RULE,
 )
-_batch_norm_jvp = differentiable(_batch_norm_jvp_op, setup_context=save_inputs, backward=_jvp_vjp, jvp=_jvp_jvp)
+_batch_norm_jvp = differentiable(
+    _batch_norm_jvp_op, setup_context=save_inputs, backward=_jvp_vjp, jvp=_jvp_jvp, vmap=_JVP_RULE
+)
 
 
 def batch_norm_backward(grad, x, mean, invstd, weight, bias, training: bool, relu: bool):

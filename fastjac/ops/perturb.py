@@ -28,6 +28,7 @@ from .. import _backend
 from .._autograd import differentiable
 from ..reference import perturb as _reference
 from ._checks import check_float_tensor
+from ._vmap import batch_first
 
 DISTRIBUTIONS = {"gaussian": _reference.GAUSSIAN, "rademacher": _reference.RADEMACHER}
 _U64 = 1 << 64
@@ -127,8 +128,34 @@ def _noise_dot_jvp(ctx, tg, *_):
     return _noise_dot(tg.contiguous(), ctx.seed, ctx.offset, ctx.distribution)
 
 
-_perturb = differentiable(_perturb_op, setup_context=_save_perturb, backward=_perturb_vjp, jvp=_perturb_jvp)
-_noise_dot = differentiable(_noise_dot_op, setup_context=_save_noise_dot, backward=_noise_dot_vjp, jvp=_noise_dot_jvp)
+# --- vmap: every batch member sees the same noise (it is a function of the position in one member) -----------------
+def _member_noise(x: Tensor, seed, offset, distribution) -> Tensor:
+    """The noise ``z`` of one batch member of ``x`` (batch first)."""
+    zeros = torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device)
+    return _perturb(zeros, torch.ones((), dtype=torch.float64, device=x.device), seed, offset, distribution)
+
+
+def _perturb_vmap(apply, info, in_dims, x, sigma, seed, offset, distribution):
+    """``x + sigma[row] z`` for every member at once, ``z`` generated once."""
+    x, sigma = batch_first(x, in_dims[0], info.batch_size), batch_first(sigma, in_dims[1], info.batch_size)
+    scale = sigma.reshape(*sigma.shape, *(1,) * (x.dim() - sigma.dim()))
+    return x + (scale * _member_noise(x, seed, offset, distribution)).to(x.dtype), 0
+
+
+def _noise_dot_vmap(apply, info, in_dims, g, seed, offset, distribution):
+    """Per member and row ``<g[r], z[r]>``, ``z`` generated once."""
+    g = batch_first(g, in_dims[0], info.batch_size)
+    dtype = _stat_dtype(g)
+    prod = g.to(dtype) * _member_noise(g, seed, offset, distribution).to(dtype)
+    return prod.reshape(g.shape[0], _rows(g[0]), -1).sum(-1), 0
+
+
+_perturb = differentiable(
+    _perturb_op, setup_context=_save_perturb, backward=_perturb_vjp, jvp=_perturb_jvp, vmap=_perturb_vmap
+)
+_noise_dot = differentiable(
+    _noise_dot_op, setup_context=_save_noise_dot, backward=_noise_dot_vjp, jvp=_noise_dot_jvp, vmap=_noise_dot_vmap
+)
 
 
 # --- public API -----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _backend
 from .._autograd import differentiable
 from ._checks import check_float_tensor
+from . import _vmap
 from ._paths import cpp_entry, use_cpp_chain
 
 
@@ -68,9 +69,10 @@ def _relu_backward_jvp(ctx, tangent, _tangent_mask):
     return relu_backward(tangent, mask)
 
 
-_relu = differentiable(_relu_op, setup_context=_save_mask, backward=_relu_vjp, jvp=_relu_jvp)
+_relu = differentiable(_relu_op, setup_context=_save_mask, backward=_relu_vjp, jvp=_relu_jvp, vmap=_vmap.relu_forward)
 _relu_backward = differentiable(
-    _relu_backward_op, setup_context=_save_backward, backward=_relu_backward_vjp, jvp=_relu_backward_jvp
+    _relu_backward_op, setup_context=_save_backward, backward=_relu_backward_vjp, jvp=_relu_backward_jvp,
+    vmap=_vmap.relu_backward,
 )
 
 

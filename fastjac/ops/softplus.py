@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import _backend, reference
 from .._autograd import differentiable, reference_links, save_inputs, saved_inputs
 from ._checks import check_float_tensor
+from . import _vmap
 from ._paths import cpp_entry, use_cpp_chain
 from ._third_order import register_reference_vjp
 
@@ -83,12 +84,15 @@ def _softplus_backward_jvp(ctx, tgrad, tx, _tb, _tt):
 
 _dbwd_vjp, _dbwd_jvp = reference_links(reference.softplus_dbwd)  # level 3 and beyond
 register_reference_vjp("softplus_dbwd_backward", reference.softplus_dbwd, num_grads=2, differentiable=(0, 1, 2))
-_softplus = differentiable(_softplus_op, setup_context=save_inputs, backward=_softplus_vjp, jvp=_softplus_jvp)
+_softplus = differentiable(
+    _softplus_op, setup_context=save_inputs, backward=_softplus_vjp, jvp=_softplus_jvp, vmap=_vmap.elementwise
+)
 _softplus_backward = differentiable(
-    _softplus_backward_op, setup_context=save_inputs, backward=_softplus_backward_vjp, jvp=_softplus_backward_jvp
+    _softplus_backward_op, setup_context=save_inputs, backward=_softplus_backward_vjp, jvp=_softplus_backward_jvp,
+    vmap=_vmap.elementwise,
 )
 _softplus_double_backward = differentiable(
-    _softplus_double_backward_op, setup_context=save_inputs, backward=_dbwd_vjp, jvp=_dbwd_jvp
+    _softplus_double_backward_op, setup_context=save_inputs, backward=_dbwd_vjp, jvp=_dbwd_jvp, vmap=_vmap.elementwise
 )
 
 
