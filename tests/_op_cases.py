@@ -1,11 +1,45 @@
-"""The fused ops as uniform cases: ``fastjac`` function and its ``torch.nn.functional`` counterpart."""
+"""The fused ops as uniform cases: ``fastjac`` function and its ``torch.nn.functional`` counterpart; the paths
+(backend and autograd chain) a parity test runs each case on."""
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import fastjac
+from _kernel_cases import KERNEL_BACKENDS
+
+
+def op_paths():
+    """(backend, chain, device) triples: every backend here, and for the compiled ones both chains."""
+    found = fastjac.backends()
+    out = [("reference", "python", "cpu")]
+    if found["cpu"]:
+        out += [("cpu", "cpp", "cpu"), ("cpu", "python", "cpu")]
+    out += [("triton", "python", kb.device) for kb in KERNEL_BACKENDS if kb.name == "triton"]
+    if torch.cuda.is_available() and found["cuda"]:
+        out += [("cuda", "cpp", "cuda"), ("cuda", "python", "cuda")]
+    return out
+
+
+class OpPath:
+    """One (backend, chain, device) of :func:`op_paths`; calling it gives the context a test's fastjac calls run in."""
+
+    def __init__(self, backend, chain, device):
+        self.backend, self.chain, self.device = backend, chain, device
+
+    def __call__(self):
+        """The context every call of a test runs in: the backend forced, the Python chain forced if asked."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(fastjac.use_backend(self.backend))
+        if self.chain == "python" and fwAD._current_level < 0:  # (forward mode takes the Python chain anyway)
+            stack.enter_context(fwAD.dual_level())  # fastjac.ops._paths.use_cpp_chain is False inside
+        return stack
+
+    def __str__(self):
+        return f"{self.backend}-{self.chain}" + ("" if self.device == "cpu" else f"@{self.device}")
 
 
 @dataclass

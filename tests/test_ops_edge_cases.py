@@ -7,7 +7,6 @@ statistics with ``torch.nn.functional`` (NaN where PyTorch has NaN, csrc/KERNELS
 Backends: ``reference``, ``cpu`` (its C++ chain, and its Python chain forced by an open ``forward_ad`` level,
 ``fastjac/ops/_paths.py``), ``triton`` (interpreted on CPU tensors without a GPU) and, with a GPU, ``cuda``.
 """
-import contextlib
 import copy
 
 import pytest
@@ -16,37 +15,11 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import fastjac
-from _kernel_cases import KERNEL_BACKENDS
-from _op_cases import BNSetup
+from _op_cases import BNSetup, OpPath as Path, op_paths as _paths
 
 NAN, INF = float("nan"), float("inf")
 FLOATS = [torch.float64, torch.float32]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4)}
-
-
-def _paths():
-    """(backend, chain, device) triples: every backend here, and for the compiled ones both chains."""
-    found = fastjac.backends()
-    out = [("reference", "python", "cpu")]
-    if found["cpu"]:
-        out += [("cpu", "cpp", "cpu"), ("cpu", "python", "cpu")]
-    out += [("triton", "python", kb.device) for kb in KERNEL_BACKENDS if kb.name == "triton"]
-    if torch.cuda.is_available() and found["cuda"]:
-        out += [("cuda", "cpp", "cuda"), ("cuda", "python", "cuda")]
-    return out
-
-
-class Path:
-    def __init__(self, backend, chain, device):
-        self.backend, self.chain, self.device = backend, chain, device
-
-    def __call__(self):
-        """The context every call of a test runs in: the backend forced, the Python chain forced if asked."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(fastjac.use_backend(self.backend))
-        if self.chain == "python" and fwAD._current_level < 0:  # (forward mode takes the Python chain anyway)
-            stack.enter_context(fwAD.dual_level())  # fastjac.ops._paths.use_cpp_chain is False inside
-        return stack
 
 
 @pytest.fixture(params=_paths(), ids=lambda p: f"{p[0]}-{p[1]}")
