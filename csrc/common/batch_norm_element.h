@@ -62,8 +62,13 @@ FASTJAC_HOST_DEVICE FASTJAC_INLINE void bn_element(const BnChannel<A>& k, const 
   }
   if constexpr (Z) on = bn_relu_on<T>(z);
   if constexpr (Z && !kSelect) m = on ? A(1) : A(0);
-  if constexpr (G) gj = !Z ? static_cast<A>(a.g[j]) : kSelect ? (on ? static_cast<A>(a.g[j]) : A(0))
-                                                               : static_cast<A>(a.g[j]) * m;
+  if constexpr (G) {
+    // g is read unconditionally, then selected: a read under the mask (on ? g[j] : 0) became a masked load, with
+    // which gcc kept the row loops' sums in memory, stored and reloaded every iteration (a store-forwarding chain:
+    // BN+ReLU's bn_bwd took 1.7x BN's on AVX-512, benchmarks/RESULTS.md).
+    const A graw = static_cast<A>(a.g[j]);
+    gj = !Z ? graw : kSelect ? (on ? graw : A(0)) : graw * m;
+  }
   if constexpr (Sum && U) su += uj;
   if constexpr (Sum && U && X) sux += uj * xh;
   if constexpr (Sum && G) sg += gj;
