@@ -7,7 +7,8 @@ dimension of each output is. The link is called through its ``autograd.Function`
 below this vmap level (grad, jvp, another vmap) see it as usual and every order of derivative still composes.
 
 - **Elementwise links** (softplus and its backward links): the batch dimension is just one more dimension; unbatched
-  operands are broadcast (expanded) to the batch.
+  operands are broadcast (expanded) to the batch. Softplus's backward, linear in the cotangent, is one kernel call on
+  the shared ``x`` and a broadcast product when only the cotangent is batched (``jacrev``).
 - **ReLU** (its packed 1-bit mask, ``csrc/KERNELS.md``): each batch member's values are one row, padded to a whole
   number of mask bytes, so member ``b``'s mask is bytes ``[b k, (b + 1) k)`` of the one kernel call's mask
   (``k = ceil(n / 8)``, ``n`` values per member) and the mask is batched as a ``(B, k)`` tensor. No padding (no copy)
@@ -44,6 +45,16 @@ def elementwise(apply, info, in_dims, *args):
         args, out_dim = [batch_first(a, d, info.batch_size) for a, d in zip(args, in_dims)], 0
     out = apply(*args)
     return out, (tuple(out_dim for _ in out) if isinstance(out, tuple) else out_dim)
+
+
+def linear_in_first(apply, info, in_dims, grad, *rest):
+    """Rule of a link linear in its first operand, ``f(grad, x, ...) = grad * f(1, x, ...)`` (softplus_backward):
+    with only ``grad`` batched (``jacrev``: the cotangents), ``f(1, x)`` once and a broadcast product, instead of
+    the batch's copies of ``x``; otherwise :func:`elementwise`."""
+    if in_dims[0] is None or any(d is not None for d in in_dims[1:]):
+        return elementwise(apply, info, in_dims, grad, *rest)
+    x = rest[0]
+    return grad.movedim(in_dims[0], 0) * apply(torch.ones_like(x), *rest), 0
 
 
 # --- ReLU: one mask row of whole bytes per batch member -----------------------------------------------------------

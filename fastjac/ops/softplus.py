@@ -89,7 +89,7 @@ _softplus = differentiable(
 )
 _softplus_backward = differentiable(
     _softplus_backward_op, setup_context=save_inputs, backward=_softplus_backward_vjp, jvp=_softplus_backward_jvp,
-    vmap=_vmap.elementwise,
+    vmap=_vmap.linear_in_first,
 )
 _softplus_double_backward = differentiable(
     _softplus_double_backward_op, setup_context=save_inputs, backward=_dbwd_vjp, jvp=_dbwd_jvp, vmap=_vmap.elementwise
