@@ -39,7 +39,7 @@ XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n $((NJOBS > 14 ? 14 : NJOBS))"
 step tests 180 $PY -m pytest -q $XDIST tests/test_cuda_backend.py tests/test_cuda_launches.py tests/test_cpp_chain.py \
   tests/test_frozen_backward.py tests/test_training_one_pass.py tests/test_kernels.py tests/test_kernel_opcheck.py \
-  tests/test_ops_parity.py tests/test_nn_convert.py
+  tests/test_ops_parity.py tests/test_nn_convert.py tests/test_torch_func.py tests/test_pytorch_samples.py
 
 step gpu_report 150 $PY -m benchmarks.gpu_report --out "$OUT/gpu_report.md"
 step gpu_profile 120 $PY -m benchmarks.gpu_profile

@@ -34,6 +34,7 @@ import fastjac
 from _op_cases import OpPath, op_paths
 
 _FLAGS_FROZEN = torch.backends.flags_frozen()
+pytest.importorskip("expecttest", reason="PyTorch's OpInfo / ModuleInfo databases import expecttest (the dev extra)")
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402 (imported once: ~3 s)
 from torch.testing._internal.common_modules import module_db  # noqa: E402
 
