@@ -10,7 +10,8 @@ The choice made here, used by :func:`fastjac.input_jacobian` and the losses of :
 
 * the **clean pass** is an ordinary forward: batch statistics, running statistics updated exactly once;
   :func:`record_batch_norm_stats` notes, per BatchNorm call, the batch mean and the biased batch variance
-  it normalised with (detached);
+  it normalised with (detached): a fused :mod:`fastjac.nn` BatchNorm on the C++ chain hands over its own
+  ``(mean, invstd)``, any other is measured with one ``var_mean`` of its input;
 * every **extra pass** runs under :meth:`BatchNormStats.frozen`: each such BatchNorm normalises with the
   recorded clean-batch statistics as constants (its eval-mode formula with the recorded mean / variance in
   place of the running buffers), so no statistic depends on the extra pass's batch and nothing (running
@@ -167,21 +168,42 @@ def record_batch_norm_stats(model: nn.Module, differentiable: bool = False) -> I
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastjac.record_batch_norm_stats: model must be a torch.nn.Module, got {type(model).__name__}")
-    stats = BatchNormStats(model, differentiable)
+    from .ops.batch_norm import StatsSink, reset_stats_sink, set_stats_sink
 
-    def record(module, args):
+    stats = BatchNormStats(model, differentiable)
+    open_sinks: dict[nn.Module, list] = {}  # per module, (sink, token) of the calls in progress
+
+    def before(module, args):
+        sink = StatsSink(differentiable)
+        open_sinks.setdefault(module, []).append((sink, set_stats_sink(sink)))
+
+    def record(module, args, output):
+        sink, token = open_sinks[module].pop()
+        reset_stats_sink(token)
         x = args[0]
-        mean, var = _batch_mean_var(x, differentiable)
+        if sink.stats is not None and x.numel():
+            # the fused op's own statistics (fastjac.ops.batch_norm.StatsSink): var = 1 / invstd^2 - eps, so that
+            # the replay's 1 / sqrt(var + eps) is the clean pass's invstd (to rounding), with no pass over x
+            mean, invstd = sink.stats
+            var = (invstd.double().reciprocal().square() - module.eps).to(invstd.dtype)
+            if not differentiable:
+                mean, var = mean.detach(), var.detach()
+        else:  # a torch BatchNorm, or a fused one on the Python chain
+            mean, var = _batch_mean_var(x, differentiable)
         buffer = module._buffers.get("running_mean")
         dtype = buffer.dtype if buffer is not None else mean.dtype
         stats.stats[module].append((mean.to(dtype), var.to(dtype)))
 
-    handles = [m.register_forward_pre_hook(record) for m in stats.modules]
+    handles = [h for m in stats.modules
+               for h in (m.register_forward_pre_hook(before), m.register_forward_hook(record))]
     try:
         yield stats
     finally:
         for h in handles:
             h.remove()
+        for calls in open_sinks.values():  # calls interrupted by an exception: leave no sink set
+            for _, token in reversed(calls):
+                reset_stats_sink(token)
 
 
 def _affine_forward(module: _BatchNorm, current: dict):

@@ -336,6 +336,35 @@ def test_record_and_frozen_context_manager():
             net(x)
 
 
+@pytest.mark.skipif(not fastjac.backends()["cpu"], reason="needs the compiled cpu backend (the C++ chain)")
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_recorded_statistics_are_the_fused_batch_norms_own(differentiable, monkeypatch):
+    """A fused BatchNorm on the C++ chain hands its (mean, invstd) to the recording (no var_mean of its input): the
+    same statistics as torch's BatchNorm measured with var_mean, differentiable in the parameters when asked."""
+    plain = make("softplus", True, False)
+    fused = converted(copy.deepcopy(plain))
+    x, _ = inputs(12)
+    with fastjac.record_batch_norm_stats(plain, differentiable=differentiable) as expected:
+        plain(x)
+    var_mean, calls = torch.var_mean, []
+    monkeypatch.setattr(torch, "var_mean", lambda *a, **k: calls.append(1) or var_mean(*a, **k))
+    with fastjac.use_backend("cpu"), fastjac.record_batch_norm_stats(fused, differentiable=differentiable) as got:
+        fused(x)
+    assert not calls, "the recording measured a fused BatchNorm's input again"
+    pairs = list(zip(expected.modules, got.modules))
+    assert len(pairs) == 2
+    for mp, mf in pairs:
+        for (mean_p, var_p), (mean_f, var_f) in zip(expected.stats[mp], got.stats[mf], strict=True):
+            torch.testing.assert_close(mean_f, mean_p, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(var_f, var_p, rtol=1e-10, atol=1e-12)
+            assert var_f.requires_grad == differentiable and mean_f.requires_grad == differentiable
+    if differentiable:  # d(sum of the recorded variances) / d(first conv weight), through the statistics
+        (gp,) = torch.autograd.grad(sum(v.sum() for m in expected.modules for _, v in expected.stats[m]),
+                                    plain[0].weight)
+        (gf,) = torch.autograd.grad(sum(v.sum() for m in got.modules for _, v in got.stats[m]), fused[0].weight)
+        torch.testing.assert_close(gf, gp, rtol=1e-9, atol=1e-12)
+
+
 def test_eval_mode_batch_norm_needs_no_record():
     net = make("relu", False, False)
     with fastjac.record_batch_norm_stats(net) as stats:

@@ -14,6 +14,7 @@ checks in C++ too. :mod:`fastjac.ops._paths` says which serves a call.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Optional
 
@@ -46,6 +47,33 @@ def _c(t):
 
 
 _cpp_batch_norm = cpp_entry("batch_norm")  # the C++ chain's entry
+_cpp_batch_norm_with_stats = cpp_entry("batch_norm_with_stats")  # the same, returning (y, mean, invstd)
+
+
+class StatsSink:
+    """Where the training-mode fused BatchNorm calls made while this sink is set (:func:`set_stats_sink`) leave the
+    ``(mean, invstd)`` they normalised with, the last call's in ``stats`` (None until a call takes the C++ chain).
+    ``differentiable``: as differentiable outputs (functions of x, hence of the parameters before), from a
+    switchable graph whose switch stays off (``csrc/autograd/chain.h``). :mod:`fastjac.batch_norm_stats` records
+    the clean pass's statistics from here instead of recomputing them."""
+
+    __slots__ = ("differentiable", "stats")
+
+    def __init__(self, differentiable: bool = False):
+        self.differentiable, self.stats = differentiable, None
+
+
+_STATS_SINK: contextvars.ContextVar[Optional[StatsSink]] = contextvars.ContextVar("fastjac_bn_stats_sink",
+                                                                                 default=None)
+
+
+def set_stats_sink(sink: Optional[StatsSink]) -> contextvars.Token:
+    """Set the sink of the calls that follow (in this context); undo with ``reset_stats_sink(token)``."""
+    return _STATS_SINK.set(sink)
+
+
+def reset_stats_sink(token: contextvars.Token) -> None:
+    _STATS_SINK.reset(token)
 
 
 @torch.library.custom_op("fastjac::batch_norm", mutates_args=())
@@ -245,8 +273,17 @@ def _run(op, relu, x, running_mean, running_var, weight, bias, training, momentu
         return y.view(x.shape)
     switch = recording_switch()
     if use_cpp_chain(x) and type(momentum) is float:  # the C++ chain checks the other arguments itself
-        return _cpp_batch_norm(x, weight, bias, running_mean, running_var, bool(training), momentum, float(eps), relu,
-                               None if switch is None or not training else switch.flag)
+        flag = None if switch is None or not training else switch.flag
+        sink = _STATS_SINK.get()
+        if sink is None or not training:
+            return _cpp_batch_norm(x, weight, bias, running_mean, running_var, bool(training), momentum, float(eps),
+                                   relu, flag)
+        if flag is None and sink.differentiable:
+            flag = torch.zeros((), dtype=torch.bool)  # a switch that stays off: the statistics are differentiable
+        y, mean, invstd = _cpp_batch_norm_with_stats(x, weight, bias, running_mean, running_var, True, momentum,
+                                                     float(eps), relu, flag)
+        sink.stats = (mean, invstd)
+        return y
     if switch is not None and training:
         raise RuntimeError(
             f"fastjac.ops.{op}: inside FrozenBackward.recording() a training-mode fused BatchNorm needs the C++ "
