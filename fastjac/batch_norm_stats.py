@@ -47,6 +47,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .ops import relu
+from .ops.batch_norm import StatsSink, reset_stats_sink, set_stats_sink
+
 __all__ = ["BatchNormStats", "record_batch_norm_stats", "uses_batch_stats"]
 
 
@@ -168,17 +171,16 @@ def record_batch_norm_stats(model: nn.Module, differentiable: bool = False) -> I
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastjac.record_batch_norm_stats: model must be a torch.nn.Module, got {type(model).__name__}")
-    from .ops.batch_norm import StatsSink, reset_stats_sink, set_stats_sink
-
     stats = BatchNormStats(model, differentiable)
-    open_sinks: dict[nn.Module, list] = {}  # per module, (sink, token) of the calls in progress
+    open_sinks: dict[nn.Module, tuple] = {}  # (sink, token) of the module's call in progress (a BatchNorm has no
+    # submodules, so it is never re-entered)
 
     def before(module, args):
         sink = StatsSink(differentiable)
-        open_sinks.setdefault(module, []).append((sink, set_stats_sink(sink)))
+        open_sinks[module] = (sink, set_stats_sink(sink))
 
     def record(module, args, output):
-        sink, token = open_sinks[module].pop()
+        sink, token = open_sinks.pop(module)
         reset_stats_sink(token)
         x = args[0]
         if sink.stats is not None and x.numel():
@@ -201,16 +203,14 @@ def record_batch_norm_stats(model: nn.Module, differentiable: bool = False) -> I
     finally:
         for h in handles:
             h.remove()
-        for calls in open_sinks.values():  # calls interrupted by an exception: leave no sink set
-            for _, token in reversed(calls):
-                reset_stats_sink(token)
+        for _, token in open_sinks.values():  # a call interrupted by an exception: leave no sink set
+            reset_stats_sink(token)
 
 
 def _affine_forward(module: _BatchNorm, current: dict):
     """The forward of ``module`` in a ``frozen(differentiable=True)`` pass: the per-channel affine map of
     BatchNorm with the recorded (graph) statistics, ``x · s + (β − μ s)`` with ``s = γ/√(σ²+ε)``, then ReLU
     for a fused ``BatchNormReLU`` module (its ``_fuse_relu``), with fastjac's ReLU."""
-    from .ops import relu
 
     def forward(x: Tensor) -> Tensor:
         mean, var = current[module]

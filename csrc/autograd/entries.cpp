@@ -1,5 +1,5 @@
-// Python entry points of the C++ chain (fastjac._C.relu, .softplus, .batch_norm, .batch_norm_with_stats): one unboxed dispatcher call
-// each, returning the op's output only. Calling through torch.ops instead boxes every argument into IValues
+// Python entry points of the C++ chain (fastjac._C.relu, .softplus, .batch_norm, .batch_norm_with_stats): one
+// unboxed dispatcher call each, returning the op's output only (batch_norm_with_stats: and its statistics). Calling through torch.ops instead boxes every argument into IValues
 // and every result (mean, invstd, the mask) into Python objects: on a tiny tensor that is most of the call.
 // fastjac/ops/ uses these on the C++ chain (fastjac/ops/_paths.py says when).
 #include <torch/python.h>

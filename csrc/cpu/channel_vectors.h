@@ -59,7 +59,6 @@ struct ChannelStats {
 // Training statistics of bn_fwd from the per-channel moments: mean and invstd = 1 / sqrt(var + eps), and the
 // running statistics' update with the unbiased variance var M / (M - 1) (none for an empty batch,
 // bn_updates_running).
-
 inline ChannelStats bn_train_stats(const at::Tensor& x, const std::vector<double>& mean, const std::vector<double>& var,
                                  int64_t count, double eps, const std::optional<at::Tensor>& running_mean,
                                  const std::optional<at::Tensor>& running_var, double momentum) {
