@@ -36,6 +36,13 @@ TORCH_LIBRARY(fastjac, m) {
       "bn_dbwd_backward(Tensor? grad_ggrad, Tensor? grad_gx, Tensor? grad_gw, Tensor? ggx, Tensor? ggw, "
       "Tensor? ggb, Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
       "bool training, bool relu, bool[6] output_mask) -> Tensor[]");
+  // Convolution with a cheaper double backward (csrc/autograd/conv.cpp): ATen's kernels, fastjac's derivatives.
+  m.def(
+      "conv_fwd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups) "
+      "-> Tensor");
+  m.def(
+      "conv_bwd_input(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, "
+      "int groups) -> Tensor");
   // Perturbations (csrc/common/philox.h): counter-based noise regenerated from (seed, offset), never stored.
   m.def("philox_words(Tensor like, int seed, int offset) -> Tensor");
   m.def("perturb_fwd(Tensor x, Tensor sigma, int seed, int offset, int distribution) -> Tensor");

@@ -1,4 +1,4 @@
-"""Swap ``torch.nn`` ReLU / Softplus / BatchNorm modules of a model for their :mod:`fastjac.nn` versions."""
+"""Swap ``torch.nn`` ReLU / Softplus / BatchNorm / convolution modules of a model for their :mod:`fastjac.nn` versions."""
 from __future__ import annotations
 
 from collections import Counter
@@ -18,6 +18,7 @@ _REPLACEMENTS = {
     nn.BatchNorm2d: fnn.BatchNorm2d,
     nn.BatchNorm3d: fnn.BatchNorm3d,
 }
+_CONVS = {nn.Conv1d: fnn.Conv1d, nn.Conv2d: fnn.Conv2d, nn.Conv3d: fnn.Conv3d}
 _FUSED = {
     nn.BatchNorm1d: fnn.BatchNormReLU1d,
     nn.BatchNorm2d: fnn.BatchNormReLU2d,
@@ -60,7 +61,7 @@ def _fuse_sequential(seq: nn.Sequential, references: Counter) -> None:
             i += 1
 
 
-def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
+def convert(model: nn.Module, fuse: bool = True, conv: bool = True) -> nn.Module:
     """Convert ``model`` in place to fastjac modules and return it.
 
     Every module whose type is exactly ``nn.ReLU``, ``nn.Softplus`` or ``nn.BatchNorm1d/2d/3d``, at any
@@ -73,6 +74,9 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
     does not override ``forward``) becomes a ``BatchNormReLUNd`` in the BatchNorm's slot and the ReLU's
     slot an ``nn.Identity``: indices and ``state_dict`` keys are unchanged. A pair is not fused when the
     BatchNorm is also referenced from another parent or either module has hooks.
+
+    With ``conv=True``, modules of type exactly ``nn.Conv1d/2d/3d`` become :mod:`fastjac.nn` convolutions: the
+    same function and kernels, with a cheaper double backward (:func:`fastjac.ops.conv`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastjac.convert: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -81,8 +85,9 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
         for module in list(model.modules()):
             if _runs_in_order(module):
                 _fuse_sequential(module, references)
+    replacements = {**_REPLACEMENTS, **_CONVS} if conv else _REPLACEMENTS
     for module in model.modules():
-        replacement = _REPLACEMENTS.get(type(module))
+        replacement = replacements.get(type(module))
         if replacement is not None:
             module.__class__ = replacement
     return model

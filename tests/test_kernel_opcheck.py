@@ -34,6 +34,15 @@ def _cases():
                 ("bn_jvp", (torch.randn_like(x), torch.randn(4), None, *tail)),
                 ("bn_jvp", (None, None, torch.randn(4), x, mean, invstd, None, None, training, relu)),
             ]
+    xc, wc = torch.randn(2, 3, 6, 5), torch.randn(4, 3, 3, 2)
+    for stride, padding, dilation in (([1, 1], [1, 0], [1, 1]), ([2, 1], [0, 1], [1, 2])):
+        geometry = (stride, padding, dilation, 1)
+        yc = k.conv_fwd(xc, wc, None, *geometry)
+        cases += [
+            ("conv_fwd", (xc, wc, torch.randn(4), *geometry)),
+            ("conv_fwd", (xc, wc, None, *geometry)),
+            ("conv_bwd_input", (torch.randn_like(yc), xc, wc, *geometry)),
+        ]
     return cases
 
 

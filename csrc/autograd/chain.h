@@ -5,6 +5,7 @@
 //   relu:      relu_fwd -> relu_bwd -> relu_bwd ...                         (closed: every order is exact)
 //   softplus:  softplus_fwd -> softplus_bwd -> softplus_dbwd -> softplus_dbwd_backward (reference, Python)
 //   bn (+relu): bn_fwd -> bn_bwd -> bn_dbwd -> bn_dbwd_backward (reference, Python)
+//   conv:      conv_fwd -> conv_bwd_input -> (conv_fwd, ATen's weight gradient)  (ATen's kernels; exact)
 //
 // The `*_backward` links of the last column are declared in C++ (csrc/fastjac.cpp) and implemented in Python
 // as CompositeImplicitAutograd ops that differentiate the reference formulas (fastjac/ops/), so third and

@@ -1,4 +1,4 @@
-// Python entry points of the C++ chain (fastjac._C.relu, .softplus, .batch_norm, .batch_norm_with_stats): one
+// Python entry points of the C++ chain (fastjac._C.relu, .softplus, .batch_norm, .batch_norm_with_stats, .conv): one
 // unboxed dispatcher call each, returning the op's output only (batch_norm_with_stats: and its statistics). Calling through torch.ops instead boxes every argument into IValues
 // and every result (mean, invstd, the mask) into Python objects: on a tiny tensor that is most of the call.
 // fastjac/ops/ uses these on the C++ chain (fastjac/ops/_paths.py says when).
@@ -46,6 +46,14 @@ Tensor batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bia
                                            frozen_switch));
 }
 
+// conv_fwd (csrc/autograd/conv.cpp): ATen's convolution with fastjac's double backward.
+Tensor conv(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::IntArrayRef stride,
+            c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  static const auto op = op_handle<Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::IntArrayRef,
+                                          c10::IntArrayRef, c10::IntArrayRef, int64_t)>("fastjac::conv_fwd");
+  return op.call(x, weight, bias, stride, padding, dilation, groups);
+}
+
 }  // namespace
 
 void bind_entries(pybind11::module& m) {
@@ -59,6 +67,9 @@ void bind_entries(pybind11::module& m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
         py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("relu"),
         py::arg("frozen_switch") = py::none(), release);
+  m.def("conv", &conv, "fastjac::conv_fwd (C++ chain): a convolution whose double backward is fastjac's",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), release);
   m.def("batch_norm_with_stats", &batch_norm_with_stats,
         "fastjac::bn_fwd's (y, mean, invstd) (C++ chain); updates the running statistics once", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("training"),

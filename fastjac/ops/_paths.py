@@ -16,6 +16,8 @@ Every fused op has its forward, backward and double backward as dispatcher ops (
   ``is_grads_batched`` uses its legacy ``vmap``, which neither chain's rules reach: on the C++ chain it runs
   PyTorch's per-member fallback, correct and slower.)
 
+The convolution (:mod:`fastjac.ops.conv`) has only the C++ chain: its Python path is PyTorch's own ``F.conv*d``.
+
 :func:`use_cpp_chain` decides per call, in well under a microsecond.
 """
 from __future__ import annotations
