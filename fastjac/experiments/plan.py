@@ -18,9 +18,11 @@ from typing import Any, Optional
 from ..training import checkpoint as ckpt_io
 from ..training import config as config_io
 from ..training import data as data_io
+from ..training import teacher_jacobians
+from ..training import terms as loss_terms
 from ..training.config import ConfigError, RunConfig
 from ..training.layout import cell_dir
-from ..training.trainer import load_split_labels
+from ..training.trainer import load_split_labels, with_new_fields
 
 
 @dataclass
@@ -86,6 +88,8 @@ INERT: dict[str, tuple[str, Any]] = {
     "data.flip": ("applies with data.augment true only", lambda c: not c.data.augment),
     "data.test_fraction": ("applies to data.dataset digits only", lambda c: c.data.dataset != "digits"),
     "data.subset_seed": ("applies with data.per_class only", lambda c: c.data.per_class is None),
+    "teacher.cache_jacobians": ("applies with a jacobian_matching term and data.augment false only",
+                                lambda c: not teacher_jacobians.may_cache(c)),
 }
 
 
@@ -140,7 +144,9 @@ def check_trained_config(cfg: RunConfig, run_dir: str, finished: bool) -> None:
     else:
         with open(config_path) as f:
             trained = config_io.yaml_load(f)
-        diff = ckpt_io.config_differences(trained, cfg.to_dict()) if isinstance(trained, dict) else ["<all>"]
+        diff = ckpt_io.config_differences(with_new_fields(trained), cfg.to_dict()) if isinstance(trained, dict) \
+            else ["<all>"]
+        diff = [d for d in diff if d != "teacher.cache_jacobians" or teacher_jacobians.may_cache(cfg)]
     if diff:
         raise ckpt_io.CheckpointError(
             f"{run_dir!r} holds {'a finished' if finished else 'an unfinished'} run of a different config (fields "
@@ -149,7 +155,7 @@ def check_trained_config(cfg: RunConfig, run_dir: str, finished: bool) -> None:
 
 def _check_data(run: Run, data_root: Optional[str], world: int, cache: dict) -> None:
     """The run's training subset exists (``data.per_class`` within what each class holds) and gives optimiser
-    steps with this many processes."""
+    steps with this many processes; ``teacher.cache_jacobians: true`` fits the cache's size cap."""
     cfg, d = run.config, run.config.data
     per_step = 2 * world * cfg.accumulate  # BatchNorm needs 2 examples per micro-batch on every rank
     if d.batch_size < per_step:
@@ -164,6 +170,13 @@ def _check_data(run: Run, data_root: Optional[str], world: int, cache: dict) -> 
         n = len(data_io.stratified_subset(labels, d.per_class, seed))
     except ValueError as exc:
         raise ConfigError(f"{run.name}: data.per_class: {exc}") from exc
+    if cfg.teacher is not None:  # `teacher.cache_jacobians: true` over the size cap
+        try:
+            teacher_jacobians.use_cache(cfg.teacher.cache_jacobians, d.augment,
+                                        teacher_jacobians.matched_classes(loss_terms.parse(cfg.loss)), n,
+                                        config_io.input_shape(d))
+        except ConfigError as exc:
+            raise ConfigError(f"{run.name}: {exc}") from exc
     examples = d.epoch_size or n
     if n == 0 or examples // d.batch_size + (examples % d.batch_size >= per_step) == 0:
         raise ConfigError(f"{run.name}: data.batch_size {d.batch_size}: {examples} training examples per epoch give 0 "

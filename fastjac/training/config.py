@@ -100,6 +100,10 @@ class TeacherConfig:
     model: dict = field(default_factory=dict)   # as RunConfig.model
     checkpoint: Optional[str] = None            # a run directory or checkpoint file of a trained teacher
     train: Optional[dict] = None                # or: overrides of this config to train the teacher first
+    cache_jacobians: Any = "auto"               # auto | true | false: jacobian_matching reads the teacher's rows
+                                                # from a cache computed once at setup (auto: when the loss has the
+                                                # term, data.augment is false and it fits 1 GiB; true: an error
+                                                # otherwise; false: every step), fastjac.training.teacher_jacobians
 
 
 @dataclass
@@ -236,9 +240,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not isinstance(weight, dict) or "weight" not in weight:
             raise ConfigError(f"loss.{name}: expected a weight or a mapping with 'weight' and options, got {weight!r}")
     try:
-        loss_terms.parse(cfg.loss)  # unknown terms and options, negative weights
+        parsed = loss_terms.parse(cfg.loss)  # unknown terms and options, negative weights
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if cfg.teacher is not None:
+        from . import teacher_jacobians  # imports ConfigError from here
+
+        # the value, and `true` with augmentation (the size cap needs the data: checked before training starts)
+        teacher_jacobians.use_cache(cfg.teacher.cache_jacobians, cfg.data.augment,
+                                    teacher_jacobians.matched_classes(parsed), 0, ())
     _check_eval(cfg.eval)
     _check_inputs(cfg)
     for name, spec in cfg.evaluations.items():

@@ -16,8 +16,11 @@ stop-gradient variant that fails on digits E2. Every extra pass
 (frozen, perturbed, feature-only, full-Jacobian) uses the clean batch's statistics and updates no running
 statistics (:mod:`fastjac.batch_norm_stats`), so they are updated once per step. The full-Jacobian and
 attention-Jacobian passes use the statistics as constants (their E3-E5 behaviour is unchanged).
-Teachers run in eval mode without a graph. Under mixed precision the trace terms (score and anti-score
-matching) run in float32: their finite differences of bf16 outputs would be rounding noise.
+Teachers run in eval mode without a graph; the teacher's rows of Jacobian matching (and its top classes) come
+from a cache computed once per run (:mod:`fastjac.training.teacher_jacobians`) when the step has one
+(``teacher.cache_jacobians``; by default whenever the data has no augmentation and the cache fits 1 GiB), else
+from a teacher pass every step. Under mixed precision the trace terms (score and anti-score matching) run in
+float32: their finite differences of bf16 outputs would be rounding noise.
 """
 from __future__ import annotations
 
@@ -47,10 +50,17 @@ def _frozen(ctx: StepContext, batch_norm: str = "frozen_constant"):
 def jacobian_matching(ctx: StepContext, normalize: bool = False, classes: str = "label",
                       batch_norm: str = "frozen") -> torch.Tensor:
     """Jacobian matching (000 Prop. 1; ``normalize``: Eq. 10) of the row of class ``classes`` (``label``: the
-    correct class, 000 §4.1; ``top``: the teacher's top class): the student's matched output vs the teacher's."""
-    c = ctx.classes(classes)
+    correct class, 000 §4.1; ``top``: the teacher's top class): the student's matched output vs the teacher's.
+
+    The teacher's rows (and its top classes) are read from the run's cache when the context has one
+    (:meth:`StepContext.cached_teacher_rows`: ``teacher.cache_jacobians``, computed once at setup by
+    :mod:`fastjac.training.teacher_jacobians` without augmentation); otherwise a forward and a backward through
+    the teacher compute them for this batch."""
+    j_teacher = ctx.cached_teacher_rows(classes)
+    c = ctx.classes(classes) if j_teacher is None else None
     j_student = ctx.input_grad("matched", classes, batch_norm)
-    j_teacher = input_jacobian(ctx.teacher_model(), ctx.x.detach(), c, mode="target", create_graph=False).jacobian
+    if j_teacher is None:
+        j_teacher = input_jacobian(ctx.teacher_model(), ctx.x.detach(), c, mode="target", create_graph=False).jacobian
     return losses.jacobian_matching(j_student, j_teacher, normalize=normalize)
 
 

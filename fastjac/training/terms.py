@@ -65,12 +65,18 @@ class StepContext:
     update no running statistics. The teacher runs in eval mode without a graph. Under ``torch.autocast``
     the extra passes and input-gradients are cached per autocast state, so a float32 term (``Term.autocast``)
     never reuses a bfloat16 pass.
+
+    ``indices``: the dataset indices of the micro-batch's examples; with ``teacher_jacobians`` (the run's
+    :class:`~fastjac.training.teacher_jacobians.TeacherJacobians`) the teacher's Jacobian rows and top classes
+    are read from that cache (:meth:`cached_teacher_rows`, :meth:`classes`) instead of computed.
     """
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, *,
                  needs_input_grad: bool = False, student_layers=(), teacher_layers=(), record_stats: bool = False,
-                 one_pass_frozen: bool = False):
+                 one_pass_frozen: bool = False, indices: torch.Tensor | None = None, teacher_jacobians=None):
         self.model, self.teacher, self.y = model, teacher, y
+        self.indices = indices
+        self.teacher_jacobians = teacher_jacobians if indices is not None else None
         self.x = x.requires_grad_(True) if needs_input_grad else x
         self.student_layers, self.teacher_layers = tuple(student_layers), tuple(teacher_layers)
         self.record_stats = record_stats
@@ -141,13 +147,24 @@ class StepContext:
 
     def classes(self, which: str) -> torch.Tensor:
         """Per-sample classes: ``"label"`` (the ground truth, 000 §4.1) or ``"top"`` (the teacher's top class,
-        label-free; the student's own when there is no teacher)."""
+        label-free, read from the teacher-Jacobian cache when it holds them; the student's own when there is no
+        teacher)."""
         if which == "label":
             return self.y
         if which == "top":
+            cached = None if self.teacher_jacobians is None else self.teacher_jacobians.top(self.indices)
+            if cached is not None:
+                return cached
             out = self.teacher_logits if self.teacher is not None else self.matched_logits
             return out.detach().argmax(1)
         raise ValueError(f"class selection must be 'label' or 'top', got {which!r}")
+
+    def cached_teacher_rows(self, which: str) -> torch.Tensor | None:
+        """The teacher's input-Jacobian rows of class selection ``which`` of this micro-batch from the run's
+        cache (:mod:`fastjac.training.teacher_jacobians`), or None when there is no cache for ``which``."""
+        if self.teacher_jacobians is None or which not in self.teacher_jacobians:
+            return None
+        return self.teacher_jacobians.rows(which, self.indices)
 
     def frozen(self, batch_norm: str = "frozen_constant"):
         """Context for an extra pass with the clean batch's BatchNorm statistics (see :data:`BATCH_NORM_MODES`):
@@ -282,8 +299,10 @@ def check_precision(terms: list[tuple[str, float, dict]]) -> None:
                              f"{name} runs in float32 (finite differences); use 'frozen' or precision float32")
 
 
-def context(model, teacher, x, y, terms: list[tuple[str, float, dict]]) -> StepContext:
-    """The :class:`StepContext` of a micro-batch with what the active ``terms`` need."""
+def context(model, teacher, x, y, terms: list[tuple[str, float, dict]], indices=None,
+            teacher_jacobians=None) -> StepContext:
+    """The :class:`StepContext` of a micro-batch with what the active ``terms`` need (``indices``: the dataset
+    indices of its examples, which a ``teacher_jacobians`` cache is read at)."""
     active = [(TERMS[n], o) for n, w, o in terms if w != 0]
     student_layers, teacher_layers = set(), set()
     for _, options in active:
@@ -299,4 +318,5 @@ def context(model, teacher, x, y, terms: list[tuple[str, float, dict]]) -> StepC
         t.needs_input_grad and o.get("batch_norm", "frozen") == "frozen_constant" for t, o in active)
     return StepContext(model, teacher, x, y, needs_input_grad=any(t.needs_input_grad for t, _ in active),
                        student_layers=sorted(student_layers), teacher_layers=sorted(teacher_layers),
-                       record_stats=record, one_pass_frozen=one_pass)
+                       record_stats=record, one_pass_frozen=one_pass, indices=indices,
+                       teacher_jacobians=teacher_jacobians)

@@ -7,7 +7,8 @@ config, subset indices, metrics so far), ``model.pt`` (final weights) and ``resu
 
 Exactness: data order and augmentation come from their own seeded generators, saved in the checkpoint
 with every other RNG state, so ``resume`` continues a killed run and ends bit-identical to an uninterrupted
-one.
+one. The teacher-Jacobian cache of Jacobian matching (``teacher.cache_jacobians``,
+:mod:`fastjac.training.teacher_jacobians`) is not saved: it is recomputed at setup, bit-identically.
 
 No host synchronisation in a step (:mod:`fastjac.training.step_log`): the logged loss terms are summed on the
 device and read every ``sync_every`` steps and at the end of each epoch (one transfer, averaged over DDP
@@ -30,6 +31,7 @@ BatchNorm running statistics are averaged over the ranks after every epoch
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -49,6 +51,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from . import data as data_io
+from . import teacher_jacobians
 from . import terms as loss_terms
 from .config import RunConfig
 from .distributed import average_batch_norm_stats
@@ -90,10 +93,27 @@ class DivergenceWarning(RuntimeWarning):
 #: How many times its first epoch's magnitude an epoch's train loss may reach before the run warns.
 DIVERGENCE = 1e3
 
-#: Config fields added after checkpoints were first written, with the value those runs had.
-_NEW_FIELDS = {"precision": "float32", "sync_every": None}
-#: Config fields a resumed run may change: they change no result.
+#: Config fields (dotted) added after checkpoints were first written, with the value those runs had (the
+#: teacher's Jacobian rows were computed every step).
+_NEW_FIELDS = {"precision": "float32", "sync_every": None, "teacher.cache_jacobians": False}
+#: Config fields a resumed run may change: they change no result. Not ``teacher.cache_jacobians``: the cached
+#: and the per-step rows agree to float rounding only, and a resumed run is bit-identical to an uninterrupted
+#: one of its config; a change of it is ignored only where it cannot take effect (teacher_jacobians.may_cache).
 _RESULT_NEUTRAL = ("sync_every",)
+
+
+def with_new_fields(saved: dict) -> dict:
+    """A copy of a saved config mapping (checkpoint, ``config.yaml``) with the fields it predates
+    (:data:`_NEW_FIELDS`) at the values those runs had; a nested field only where its section is set."""
+    out = copy.deepcopy(saved)
+    for dotted, value in _NEW_FIELDS.items():
+        *parents, last = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(last, value)
+    return out
 
 
 def _keep_fused(optimizer: torch.optim.Optimizer) -> None:
@@ -236,6 +256,7 @@ class Trainer:
         self._load_data()
         self.model = build_model(model_spec(cfg.model, self.data_root)).to(self.device)
         self.teacher = load_teacher(cfg, self.device, self.data_root)
+        self.teacher_jacobians = self._teacher_jacobians()
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.generators = {
@@ -248,6 +269,25 @@ class Trainer:
         self.history: list[dict] = []
         self.start_epoch = 0
         self.log = StepLog([(name, weight) for name, weight, _ in self.active], cfg.accumulate, self.device, cfg.name)
+
+    def _uses_cache(self) -> bool:
+        """Whether this run caches the teacher's Jacobian rows (:func:`teacher_jacobians.use_cache`)."""
+        cfg = self.cfg
+        if cfg.teacher is None:
+            return False
+        return teacher_jacobians.use_cache(cfg.teacher.cache_jacobians, cfg.data.augment,
+                                           teacher_jacobians.matched_classes(self.active), len(self.train_y),
+                                           tuple(self.train_x.shape[1:]), self.train_x.element_size())
+
+    def _teacher_jacobians(self) -> teacher_jacobians.TeacherJacobians | None:
+        """The teacher's Jacobian rows of every training example (as :meth:`_prepare` gives them, in chunks of
+        ``data.batch_size``, under :meth:`_autocast`) when :meth:`_uses_cache`; None otherwise or with 0 epochs."""
+        if self.cfg.epochs == 0 or not self._uses_cache():
+            return None
+        d = self.cfg.data
+        return teacher_jacobians.TeacherJacobians.compute(
+            self.teacher, teacher_jacobians.matched_classes(self.active), self.train_x, self.train_y, d.batch_size,
+            self.device, lambda x: self._to_device(data_io.normalize(x, d.dataset)), self._to_device, self._autocast())
 
     # --- checkpoints -----------------------------------------------------------------------------------------
     def _save(self, epoch: int) -> None:
@@ -263,8 +303,9 @@ class Trainer:
 
     def _restore(self) -> None:
         state = ckpt_io.load(self.ckpt_path)
-        saved = {**_NEW_FIELDS, **state["config"]}  # checkpoints written before these fields existed
-        diff = [d for d in ckpt_io.config_differences(saved, self.cfg.to_dict()) if d not in _RESULT_NEUTRAL]
+        saved = with_new_fields(state["config"])  # checkpoints written before these fields existed
+        diff = [d for d in ckpt_io.config_differences(saved, self.cfg.to_dict()) if d not in _RESULT_NEUTRAL
+                and (d != "teacher.cache_jacobians" or teacher_jacobians.may_cache(self.cfg))]
         if diff:
             raise ckpt_io.CheckpointError(
                 f"checkpoint {self.ckpt_path!r} was written by a different config (fields {diff}); "
@@ -309,12 +350,13 @@ class Trainer:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _chunks(self, x, y):
-        """This rank's micro-batches of a global batch: world × accumulate contiguous chunks."""
+    def _chunks(self, *tensors):
+        """This rank's micro-batches of a global batch (inputs, labels, dataset indices): world × accumulate
+        contiguous chunks of each."""
         parts = self.world * self.cfg.accumulate
-        xs, ys = torch.tensor_split(x, parts), torch.tensor_split(y, parts)
+        split = [torch.tensor_split(t, parts) for t in tensors]
         mine = range(self.rank * self.cfg.accumulate, (self.rank + 1) * self.cfg.accumulate)
-        return [(xs[i], ys[i]) for i in mine]
+        return [tuple(s[i] for s in split) for i in mine]
 
     def _autocast(self):
         """The training forward's autocast context (disabled with ``precision: float32``)."""
@@ -325,11 +367,12 @@ class Trainer:
         (skipped on the device when anything is non-finite, :class:`StepLog`); no host synchronisation."""
         x, y = self._prepare(idx)
         self.optimizer.zero_grad(set_to_none=True)
-        chunks = self._chunks(x, y)
+        chunks = self._chunks(x, y, self._to_device(idx))
         values, weighted, totals = [], [], []
-        for i, (xc, yc) in enumerate(chunks):
+        for i, (xc, yc, ic) in enumerate(chunks):
             with self._autocast():
-                ctx = loss_terms.context(self.ddp, self.teacher, xc, yc, self.terms)
+                ctx = loss_terms.context(self.ddp, self.teacher, xc, yc, self.terms, indices=ic,
+                                         teacher_jacobians=self.teacher_jacobians)
                 ctx.logits  # noqa: B018 - the clean pass first, under autocast (it records the BatchNorm statistics)
                 vals = [loss_terms.evaluate(ctx, name, options) for name, _, options in self.active]
             values.append(vals)
@@ -358,8 +401,6 @@ class Trainer:
         running statistics of the trained model are untouched); a diagnostic of the BatchNorm study."""
         model = self.model
         if batch_stats:
-            import copy
-
             model = copy.deepcopy(self.model).train()
         else:
             model.eval()
