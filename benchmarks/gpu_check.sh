@@ -39,7 +39,7 @@ XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n $((NJOBS > 14 ? 14 : NJOBS))"
 step tests 180 $PY -m pytest -q $XDIST tests/test_cuda_backend.py tests/test_cuda_launches.py tests/test_cpp_chain.py \
   tests/test_frozen_backward.py tests/test_training_one_pass.py tests/test_kernels.py tests/test_kernel_opcheck.py \
-  tests/test_ops_parity.py tests/test_nn_convert.py tests/test_torch_func.py tests/test_pytorch_samples.py
+  tests/test_ops_parity.py tests/test_nn_convert.py tests/test_torch_func.py tests/test_pytorch_samples.py tests/test_conv.py
 
 step gpu_report 150 $PY -m benchmarks.gpu_report --out "$OUT/gpu_report.md"
 step gpu_profile 120 $PY -m benchmarks.gpu_profile
@@ -47,7 +47,7 @@ step call_overhead_cuda 60 $PY -c "from benchmarks import call_overhead as c; pr
 # The trainer's own step, VGG-9-BN batch 128 (issue 17): float32 and bfloat16, without and with a host read per step.
 for prec in float32 bfloat16; do
   for sync in "" --sync; do
-    step "trainer_step_${prec}${sync:+_sync}" 75 $PY -m benchmarks.trainer_step --device cuda --models vgg9 \
+    step "trainer_step_${prec}${sync:+_sync}" 90 $PY -m benchmarks.trainer_step --device cuda --models vgg9 \
       --batch-size 128 --repeats 3 --block 5 --precision "$prec" $sync
   done
 done

@@ -200,6 +200,22 @@ _CHOICES = {
 }
 
 
+#: The values of ``teacher.cache_jacobians``.
+CACHE_JACOBIANS_SETTINGS = ("auto", True, False)
+
+
+def check_cache_jacobians(setting, augment: bool, matches: bool) -> None:
+    """``teacher.cache_jacobians`` is auto, true or false, and not true with ``data.augment`` when a
+    ``jacobian_matching`` term is active (``matches``): the teacher then sees another image of an example every
+    epoch, so its Jacobian rows cannot be cached."""
+    if setting not in CACHE_JACOBIANS_SETTINGS or not isinstance(setting, (bool, str)):
+        raise ConfigError(f"teacher.cache_jacobians: must be auto, true or false, got {setting!r}")
+    if setting is True and augment and matches:
+        raise ConfigError("teacher.cache_jacobians: true, but data.augment is true (the teacher sees another "
+                          "image of an example every epoch, so its Jacobian rows cannot be cached); use auto or "
+                          "false")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Value checks beyond types."""
     for dotted, allowed in _CHOICES.items():
@@ -244,11 +260,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     if cfg.teacher is not None:
-        from . import teacher_jacobians  # imports ConfigError from here
-
-        # the value, and `true` with augmentation (the size cap needs the data: checked before training starts)
-        teacher_jacobians.use_cache(cfg.teacher.cache_jacobians, cfg.data.augment,
-                                    teacher_jacobians.matched_classes(parsed), 0, ())
+        # the value, and `true` with augmentation (the size cap needs the data: checked before training starts,
+        # fastjac.training.teacher_jacobians.use_cache)
+        check_cache_jacobians(cfg.teacher.cache_jacobians, cfg.data.augment,
+                              any(name == "jacobian_matching" and weight != 0 for name, weight, _ in parsed))
     _check_eval(cfg.eval)
     _check_inputs(cfg)
     for name, spec in cfg.evaluations.items():

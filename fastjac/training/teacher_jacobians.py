@@ -22,13 +22,11 @@ from torch import nn
 
 from ..input_jacobian import input_jacobian
 from . import terms as loss_terms
-from .config import ConfigError
+from .config import ConfigError, check_cache_jacobians
 
 #: The most memory (bytes, on the training device) the cache may take: 1 GiB (CIFAR's 50,000 3×32×32 images
 #: take 0.57 GiB for one class selection).
 CAP_BYTES = 1 << 30
-
-SETTINGS = ("auto", True, False)  # teacher.cache_jacobians
 
 
 def matched_classes(terms: Sequence[tuple[str, float, dict]]) -> tuple[str, ...]:
@@ -60,15 +58,8 @@ def use_cache(setting, augment: bool, classes: Sequence[str], n: int, sample_sha
     cache fits :data:`CAP_BYTES`; ``true``: the same, but augmentation or a cache over the cap is a
     :class:`~fastjac.training.config.ConfigError` (nothing to cache without the term: no error); ``false``:
     never (the teacher's rows are computed every step)."""
-    if setting not in SETTINGS or not isinstance(setting, (bool, str)):
-        raise ConfigError(f"teacher.cache_jacobians: must be auto, true or false, got {setting!r}")
-    if setting is False or not classes:
-        return False
-    if augment:
-        if setting is True:
-            raise ConfigError("teacher.cache_jacobians: true, but data.augment is true (the teacher sees another "
-                              "image of an example every epoch, so its Jacobian rows cannot be cached); use auto or "
-                              "false")
+    check_cache_jacobians(setting, augment, bool(classes))
+    if setting is False or not classes or augment:
         return False
     size = cache_bytes(n, sample_shape, classes, itemsize)
     if size > CAP_BYTES:
