@@ -58,6 +58,9 @@ def test_resume_with_another_config_is_refused_and_keeps_experiment_yaml(tiny, t
     assert open(os.path.join(out, "experiment.yaml")).read() == experiment
     assert main(["run", tiny, "--out", out, "--resume", "--no-progress"]) == 0  # the same config: reused
     assert capfd.readouterr().out.count("[done]") == 2
+    # a field that changes no result (how often the logged losses are read) does not make the runs stale
+    assert main(["run", tiny, "--out", out, "--resume", "--no-progress", "--set", "sync_every=5"]) == 0
+    assert capfd.readouterr().out.count("[done]") == 2
 
 
 def test_table_lists_only_the_cells_of_the_experiment(tiny, tmp_path, capfd):

@@ -22,7 +22,7 @@ from ..training import teacher_jacobians
 from ..training import terms as loss_terms
 from ..training.config import ConfigError, RunConfig
 from ..training.layout import cell_dir
-from ..training.trainer import load_split_labels, with_new_fields
+from ..training.trainer import config_changes, load_split_labels
 
 
 @dataclass
@@ -144,9 +144,7 @@ def check_trained_config(cfg: RunConfig, run_dir: str, finished: bool) -> None:
     else:
         with open(config_path) as f:
             trained = config_io.yaml_load(f)
-        diff = ckpt_io.config_differences(with_new_fields(trained), cfg.to_dict()) if isinstance(trained, dict) \
-            else ["<all>"]
-        diff = [d for d in diff if d != "teacher.cache_jacobians" or teacher_jacobians.may_cache(cfg)]
+        diff = config_changes(trained, cfg) if isinstance(trained, dict) else ["<all>"]
     if diff:
         raise ckpt_io.CheckpointError(
             f"{run_dir!r} holds {'a finished' if finished else 'an unfinished'} run of a different config (fields "

@@ -116,6 +116,17 @@ def with_new_fields(saved: dict) -> dict:
     return out
 
 
+def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
+    """The dotted fields in which the config a run was trained with (``saved``, a checkpoint's or
+    ``config.yaml``'s mapping) differs from ``cfg`` in a way that would change the run's result: fields it
+    predates count at their old value (:func:`with_new_fields`), :data:`_RESULT_NEUTRAL` ones are ignored, and
+    ``teacher.cache_jacobians`` only where it can take effect. Resuming (or reusing a finished run) is allowed
+    only when this is empty."""
+    diff = ckpt_io.config_differences(with_new_fields(saved), cfg.to_dict())
+    return [d for d in diff if d not in _RESULT_NEUTRAL
+            and (d != "teacher.cache_jacobians" or teacher_jacobians.may_cache(cfg))]
+
+
 def _keep_fused(optimizer: torch.optim.Optimizer) -> None:
     """After ``load_state_dict`` of a checkpoint written with a non-fused optimiser: fused again (its groups
     carry the old flags), Adam's step counts on the parameters' device as the fused kernels need."""
@@ -303,9 +314,7 @@ class Trainer:
 
     def _restore(self) -> None:
         state = ckpt_io.load(self.ckpt_path)
-        saved = with_new_fields(state["config"])  # checkpoints written before these fields existed
-        diff = [d for d in ckpt_io.config_differences(saved, self.cfg.to_dict()) if d not in _RESULT_NEUTRAL
-                and (d != "teacher.cache_jacobians" or teacher_jacobians.may_cache(self.cfg))]
+        diff = config_changes(state["config"], self.cfg)
         if diff:
             raise ckpt_io.CheckpointError(
                 f"checkpoint {self.ckpt_path!r} was written by a different config (fields {diff}); "
