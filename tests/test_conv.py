@@ -28,6 +28,9 @@ GEOMETRIES = [
     (1, 4, 6, (3,), 1, 1, 1, 2, True),
     (3, 2, 3, (2, 2, 2), 1, 1, 1, 1, True),
 ]
+#: input sizes per dimension: every geometry's output plane is above the 16 elements at which the CPU double
+#: backward turns to PyTorch's own (test_the_double_backward_takes_the_path_the_rule_names)
+SPATIAL = {1: (19,), 2: (11, 10), 3: (7, 6, 5)}
 IDS = [f"{g[0]}d-k{g[3]}-s{g[4]}-p{g[5]}-d{g[6]}-g{g[7]}-{'b' if g[8] else 'nob'}" for g in GEOMETRIES]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
@@ -35,7 +38,7 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-
 def _case(geometry, dtype, batch=2, requires_grad=True):
     dims, cin, cout, kernel, stride, padding, dilation, groups, has_bias = geometry
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, cin, *([7, 6, 5][:dims]), dtype=dtype, generator=g).requires_grad_(requires_grad)
+    x = torch.randn(batch, cin, *SPATIAL[dims], dtype=dtype, generator=g).requires_grad_(requires_grad)
     w = torch.randn(cout, cin // groups, *kernel, dtype=dtype, generator=g).requires_grad_(requires_grad)
     b = torch.randn(cout, dtype=dtype, generator=g).requires_grad_(requires_grad) if has_bias else None
 
@@ -223,9 +226,9 @@ def test_cuda_matches_pytorch(geometry):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("spatial,groups", [((2, 2), 1), ((1, 1), 2), ((2, 1), 1)])
-def test_tiny_output_planes(spatial, groups):
-    """Output planes of at most 4 elements take PyTorch's own double backward on CPU (csrc/autograd/conv.cpp)."""
+@pytest.mark.parametrize("spatial,groups", [((2, 2), 1), ((1, 1), 2), ((2, 1), 1), ((4, 4), 1), ((4, 4), 2)])
+def test_small_output_planes(spatial, groups):
+    """Output planes of at most 16 elements take PyTorch's own double backward on CPU (csrc/autograd/conv.cpp)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 4, *spatial, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
@@ -239,3 +242,25 @@ def test_tiny_output_planes(spatial, groups):
         return torch.autograd.grad(ours(x, w, b).pow(2).sum(), x, create_graph=True)[0]
 
     assert gradgradcheck(input_gradient, (x, w, b))
+
+
+def _double_backward_ops(fn, inputs) -> set[str]:
+    x = inputs[0]
+    gx = torch.autograd.grad(fn(*inputs).pow(2).sum(), x, create_graph=True)[0]
+    with torch.profiler.profile() as prof:
+        torch.autograd.grad(gx.pow(2).sum(), inputs[1:])
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("spatial,pytorchs", [((5, 4), False), ((4, 4), True), ((2, 2), True)])
+def test_the_double_backward_takes_the_path_the_rule_names(spatial, pytorchs):
+    """Above 16 output elements per plane the input gradient's VJP takes the weight part from ATen's weight-gradient
+    kernel (convolution_backward); at or below, from PyTorch's own double backward (csrc/autograd/conv.cpp)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, *spatial, generator=g, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=g, requires_grad=True)
+    ops = _double_backward_ops(lambda x, w: fastjac.ops.conv(x, w, None, 1, 1, 1, 1), (x, w))
+    assert ("aten::_convolution_double_backward" in ops) == pytorchs, sorted(ops)
+    for geometry, name in zip(GEOMETRIES, IDS):  # the parity tests above exercise the split
+        inputs, ours, _ = _case(geometry, torch.float32)
+        assert "aten::_convolution_double_backward" not in _double_backward_ops(ours, inputs), name

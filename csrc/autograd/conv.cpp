@@ -5,8 +5,8 @@
 // gradient gx = conv_transpose(g, W) with its generic convolution double backward, which takes the weight part,
 // d<gg, gx>/dW = corr(gg, g), as a convolution of the transposed tensors (batch as channels), on CPU slower than
 // the weight-gradient kernel of an ordinary backward. conv_bwd_input's VJP takes it from at::convolution_backward
-// instead (1.2-3.7x faster at VGG-9's layer shapes, benchmarks/conv_double_backward.py; on CPU, output planes of
-// at most 4 elements keep PyTorch's own, as fast there):
+// instead (1.1-3.7x faster at VGG-9's layer shapes of 8x8 and more, benchmarks/conv_double_backward.py; on CPU,
+// output planes of at most 16 elements keep PyTorch's own, faster there on some hosts):
 //
 //   conv_fwd(x, W, b)              = W * x + b                      (cross-correlation, as F.conv*d)
 //   conv_bwd_input(g, x, W)        = W^T * g                         (x for its shape only)
@@ -91,12 +91,14 @@ Geometry geometry(AutogradContext* ctx) {
           {all.begin() + 2 * d, all.begin() + 3 * d}, all[3 * d], all[3 * d + 1] != 0};
 }
 
-// Whether conv_bwd_input's VJP is PyTorch's own double backward: on CPU at output planes of at most 4 elements
-// (VGG's 2x2), where it measured faster than the split below (benchmarks/conv_double_backward.py).
+// Whether conv_bwd_input's VJP is PyTorch's own double backward: on CPU at output planes of at most 16 elements
+// (VGG's 4x4 and 2x2). There oneDNN's weight-gradient kernel is the slow one on some hosts (an AMD EPYC with
+// AVX-512 IFMA: 0.55-0.8x PyTorch's at 4x4, 1.2x on another EPYC; benchmarks/RESULTS.md), and PyTorch's
+// transposed convolution is never much slower; above, the split below measured faster on both.
 bool pytorch_vjp_is_faster(const Tensor& grad) {
   int64_t plane = 1;
   for (int64_t d = 2; d < grad.dim(); ++d) plane *= grad.size(d);
-  return grad.is_cpu() && plane <= 4;
+  return grad.is_cpu() && plane <= 16;
 }
 
 }  // namespace

@@ -6,8 +6,9 @@ takes the weight part of that, ``∂⟨gg, gx⟩/∂W = corr(gg, g)``, as a conv
 channels), on the project's CPU slower than the weight-gradient kernel of an ordinary backward. The C++
 chain (``fastjac::conv_fwd -> fastjac::conv_bwd_input``, ``csrc/autograd/conv.cpp``) takes it from
 ``convolution_backward``'s weight-gradient kernel instead, and the ``g`` part as a forward convolution (the next
-link): that VJP is 1.2–3.7× faster at VGG-9's layer shapes (``python -m benchmarks.conv_double_backward``; on CPU,
-output planes of ≤ 4 elements keep PyTorch's own, as fast there). Every other derivative, and every order, is
+link): that VJP is 1.1–3.7× faster at VGG-9's layer shapes of 8×8 and more (``python -m
+benchmarks.conv_double_backward``; on CPU, output planes of ≤ 16 elements keep PyTorch's own, faster there on some
+hosts). Every other derivative, and every order, is
 PyTorch's own, so all orders are exact.
 
 There is no Python chain: where the C++ chain does not serve a call (:func:`fastjac.ops._paths.use_cpp_chain`:
