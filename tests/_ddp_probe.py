@@ -1,7 +1,7 @@
 """``fastjac`` under ``torchrun`` for tests/test_training_ddp.py, with two probes: rank 0 writes every
 ``model.pt`` a second late (a slow disk: a rank that does not wait for it fails to load the teacher), and each
 rank records its BatchNorm running statistics before and after the end-of-epoch averaging (the last epoch of
-the last run stays in ``$FASTJAC_PROBE_DIR/rank<r>.pt``)."""
+the last run stays in ``$FASTJAC_PROBE_DIR/rank<r>.pt``), with its parameters then."""
 import os
 import sys
 import time
@@ -27,7 +27,8 @@ def recorded_average(model):
 
     before = stats()
     _average(model)
-    torch.save({"before": before, "after": stats()},
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    torch.save({"before": before, "after": stats(), "params": params},
                os.path.join(os.environ["FASTJAC_PROBE_DIR"], f"rank{os.environ['RANK']}.pt"))
 
 

@@ -1,6 +1,7 @@
 """The README's DDP command (``torchrun --nproc_per_node=2 -m fastjac run smoke_digits --out runs/ddp``): the
 students wait for the teacher that rank 0 writes (made slow on purpose, tests/_ddp_probe.py), and every rank
-ends each epoch with the BatchNorm running statistics averaged over the ranks, which ``model.pt`` keeps."""
+ends each epoch with the BatchNorm running statistics averaged over the ranks, which ``model.pt`` keeps, and with
+the same weights (the gradients, of the parameters only, are all-reduced)."""
 import os
 import subprocess
 import sys
@@ -27,3 +28,5 @@ def test_readme_ddp_command_waits_for_the_teacher_and_averages_batch_norm_statis
         torch.testing.assert_close(saved[key], after, rtol=0, atol=0, msg=key)
         differed += not torch.equal(ranks[0]["before"][key], ranks[1]["before"][key])
     assert differed > 0  # the ranks' own statistics did differ: the average is not rank 0's
+    for key, value in ranks[0]["params"].items():  # the gradients were all-reduced: the ranks' weights agree
+        torch.testing.assert_close(ranks[1]["params"][key], value, rtol=0, atol=0, msg=key)

@@ -390,11 +390,14 @@ class Trainer:
             for term in weighted[-1][1:]:
                 total = total + term
             totals.append(total.detach())
+            # gradients of the optimised parameters only: the input, a leaf that requires grad for the Jacobian
+            # terms, gets none (no first-layer input gradient, no x.grad buffer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
             if isinstance(self.ddp, nn.parallel.DistributedDataParallel) and i < len(chunks) - 1:
                 with self.ddp.no_sync():
-                    (total / len(chunks)).backward()
+                    torch.autograd.backward(total / len(chunks), inputs=params)
             else:
-                (total / len(chunks)).backward()
+                torch.autograd.backward(total / len(chunks), inputs=params)
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         found_inf = self.log.record(step, [[v.detach() for v in vals] for vals in values],
                                     [[w.detach() for w in ws] for ws in weighted], totals, grads)
