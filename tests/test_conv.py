@@ -4,6 +4,8 @@ The op runs PyTorch's kernels with its own double backward (``csrc/autograd/conv
 derivatives are PyTorch's bit for bit, second derivatives agree to rounding, every order is exact (float64
 gradcheck to the third order), and every call the C++ chain does not serve is PyTorch's own F.conv*d.
 """
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ GEOMETRIES = [
     (3, 2, 3, (2, 2, 2), 1, 1, 1, 1, True),
 ]
 #: input sizes per dimension: every geometry's output plane is above the 16 elements at which the CPU double
-#: backward turns to PyTorch's own (test_the_double_backward_takes_the_path_the_rule_names)
+#: backward takes another route (test_the_double_backward_takes_the_route_the_rule_names)
 SPATIAL = {1: (19,), 2: (11, 10), 3: (7, 6, 5)}
 IDS = [f"{g[0]}d-k{g[3]}-s{g[4]}-p{g[5]}-d{g[6]}-g{g[7]}-{'b' if g[8] else 'nob'}" for g in GEOMETRIES]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
@@ -226,15 +228,24 @@ def test_cuda_matches_pytorch(geometry):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("spatial,groups", [((2, 2), 1), ((1, 1), 2), ((2, 1), 1), ((4, 4), 1), ((4, 4), 2)])
-def test_small_output_planes(spatial, groups):
-    """Output planes of at most 16 elements take PyTorch's own double backward on CPU (csrc/autograd/conv.cpp)."""
+SMALL_PLANES = [  # (input spatial, kernel, padding, stride, groups): output planes of at most 16 elements
+    ((2, 2), (3, 3), 1, 1, 1), ((4, 4), (3, 3), 1, 1, 1), ((3, 4), (2, 3), (0, 1), 1, 1), ((5,), (3,), 0, 1, 1),
+    ((2, 2, 2), (3, 3, 3), 1, 1, 1), ((4, 4), (3, 3), 0, 1, 1),  # ... weight_part_swapped
+    ((1, 1), (3, 3), 1, 1, 2), ((4, 4), (3, 3), 1, 1, 2), ((5, 5), (3, 3), 1, 2, 1),  # ... PyTorch's own
+]
+
+
+@pytest.mark.parametrize("spatial,kernel,padding,stride,groups", SMALL_PLANES)
+def test_small_output_planes(spatial, kernel, padding, stride, groups):
+    """Output planes of at most 16 elements on CPU: the weight part from one convolution of the transposed
+    tensors (stride 1, one group), else PyTorch's own double backward (csrc/autograd/conv.cpp): PyTorch's
+    derivatives to the third order."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 4, *spatial, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 4 // groups, *kernel, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
-    ours = lambda x, w, b: fastjac.ops.conv(x, w, b, 1, 1, 1, groups)
-    theirs = lambda x, w, b: F.conv2d(x, w, b, 1, 1, 1, groups)
+    ours = lambda x, w, b: fastjac.ops.conv(x, w, b, stride, padding, 1, groups)
+    theirs = lambda x, w, b: TORCH_CONV[len(spatial)](x, w, b, stride, padding, 1, groups)
     for a, c in zip(_jacobian_loss_grads(ours, (x, w, b)), _jacobian_loss_grads(theirs, (x, w, b))):
         torch.testing.assert_close(a, c, **TOL[torch.float64])
 
@@ -244,23 +255,40 @@ def test_small_output_planes(spatial, groups):
     assert gradgradcheck(input_gradient, (x, w, b))
 
 
-def _double_backward_ops(fn, inputs) -> set[str]:
+def _double_backward_ops(fn, inputs) -> collections.Counter:
+    """How often each operator runs in the gradient, w.r.t. the weight (and bias), of ‖∂‖fn‖²/∂x‖²: the
+    forward's backward (one convolution_backward) and the input gradient's VJP."""
     x = inputs[0]
     gx = torch.autograd.grad(fn(*inputs).pow(2).sum(), x, create_graph=True)[0]
     with torch.profiler.profile() as prof:
         torch.autograd.grad(gx.pow(2).sum(), inputs[1:])
-    return {e.name for e in prof.events()}
+    return collections.Counter(e.name for e in prof.events())
 
 
-@pytest.mark.parametrize("spatial,pytorchs", [((5, 4), False), ((4, 4), True), ((2, 2), True)])
-def test_the_double_backward_takes_the_path_the_rule_names(spatial, pytorchs):
-    """Above 16 output elements per plane the input gradient's VJP takes the weight part from ATen's weight-gradient
-    kernel (convolution_backward); at or below, from PyTorch's own double backward (csrc/autograd/conv.cpp)."""
+def _route(ops: collections.Counter) -> str:
+    if ops["aten::_convolution_double_backward"]:
+        return "pytorch"
+    if ops["aten::flip"] and ops["aten::convolution_backward"] == 1:
+        return "swapped"
+    return "split" if ops["aten::convolution_backward"] == 2 else f"unknown: {sorted(ops)}"
+
+
+@pytest.mark.parametrize("spatial,groups,route", [((5, 4), 1, "split"), ((4, 4), 1, "swapped"), ((2, 2), 1, "swapped"),
+                                                  ((4, 4), 3, "pytorch")])
+def test_the_double_backward_takes_the_route_the_rule_names(spatial, groups, route):
+    """The input gradient's VJP on CPU: above 16 output elements per plane the weight part from ATen's
+    weight-gradient kernel (convolution_backward); at or below, one flipped convolution of the transposed tensors
+    (weight_part_swapped) where it applies, else PyTorch's own double backward (csrc/autograd/conv.cpp)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, *spatial, generator=g, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, generator=g, requires_grad=True)
-    ops = _double_backward_ops(lambda x, w: fastjac.ops.conv(x, w, None, 1, 1, 1, 1), (x, w))
-    assert ("aten::_convolution_double_backward" in ops) == pytorchs, sorted(ops)
+    w = torch.randn(3, 3 // groups, 3, 3, generator=g, requires_grad=True)
+    ops = _double_backward_ops(lambda x, w: fastjac.ops.conv(x, w, None, 1, 1, 1, groups), (x, w))
+    assert _route(ops) == route
     for geometry, name in zip(GEOMETRIES, IDS):  # the parity tests above exercise the split
         inputs, ours, _ = _case(geometry, torch.float32)
-        assert "aten::_convolution_double_backward" not in _double_backward_ops(ours, inputs), name
+        assert _route(_double_backward_ops(ours, inputs)) == "split", name
+    for spatial, kernel, padding, stride, groups in SMALL_PLANES:  # ... and test_small_output_planes the others
+        x = torch.randn(1, 4, *spatial, requires_grad=True)
+        w = torch.randn(6, 4 // groups, *kernel, requires_grad=True)
+        ops = _double_backward_ops(lambda x, w: fastjac.ops.conv(x, w, None, stride, padding, 1, groups), (x, w))
+        assert _route(ops) == ("swapped" if stride == 1 and groups == 1 else "pytorch"), (spatial, kernel)

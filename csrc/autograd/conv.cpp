@@ -5,13 +5,15 @@
 // gradient gx = conv_transpose(g, W) with its generic convolution double backward, which takes the weight part,
 // d<gg, gx>/dW = corr(gg, g), as a convolution of the transposed tensors (batch as channels), on CPU slower than
 // the weight-gradient kernel of an ordinary backward. conv_bwd_input's VJP takes it from at::convolution_backward
-// instead (1.1-3.7x faster at VGG-9's layer shapes of 8x8 and more, benchmarks/conv_double_backward.py; on CPU,
-// output planes of at most 16 elements keep PyTorch's own, faster there on some hosts):
+// instead (1.1-3.7x faster at VGG-9's layer shapes of 8x8 and more, benchmarks/conv_double_backward.py; on CPU
+// at output planes of at most 16 elements from one convolution of the transposed tensors that, unlike PyTorch's,
+// gives the gradient in W's layout: weight_part_swapped):
 //
 //   conv_fwd(x, W, b)              = W * x + b                      (cross-correlation, as F.conv*d)
 //   conv_bwd_input(g, x, W)        = W^T * g                         (x for its shape only)
 //   VJP of conv_bwd_input for gg:  g-part = conv_fwd(gg, W)          (a forward convolution, next link)
-//                                  W-part = weight gradient of conv(gg; W) at output gradient g (ATen)
+//                                  W-part = weight gradient of conv(gg; W) at output gradient g (ATen;
+//                                           small CPU planes: weight_part_swapped)
 //
 // The weight gradient of the first link (ATen's convolution_backward) keeps PyTorch's own derivatives; every
 // order is exact. conv_fwd's backward asks convolution_backward for exactly the gradients the engine wants
@@ -91,14 +93,42 @@ Geometry geometry(AutogradContext* ctx) {
           {all.begin() + 2 * d, all.begin() + 3 * d}, all[3 * d], all[3 * d + 1] != 0};
 }
 
-// Whether conv_bwd_input's VJP is PyTorch's own double backward: on CPU at output planes of at most 16 elements
-// (VGG's 4x4 and 2x2). There oneDNN's weight-gradient kernel is the slow one on some hosts (an AMD EPYC with
-// AVX-512 IFMA: 0.55-0.8x PyTorch's at 4x4, 1.2x on another EPYC; benchmarks/RESULTS.md), and PyTorch's
-// transposed convolution is never much slower; above, the split below measured faster on both.
-bool pytorch_vjp_is_faster(const Tensor& grad) {
+// Whether conv_bwd_input's VJP takes the small-plane route: on CPU at output planes of at most 16 elements
+// (VGG's 4x4 and 2x2). There oneDNN's weight-gradient kernel is slow on some hosts (an AMD EPYC with AVX-512
+// IFMA: 0.55-0.8x PyTorch's double backward at 4x4; 1.2x faster on another EPYC; benchmarks/RESULTS.md), and a
+// convolution of the batch-transposed tensors is faster on both; above, the split with ATen's weight gradient.
+bool small_cpu_plane(const Tensor& grad) {
   int64_t plane = 1;
   for (int64_t d = 2; d < grad.dim(); ++d) plane *= grad.size(d);
   return grad.is_cpu() && plane <= 16;
+}
+
+// Whether weight_part_swapped applies: stride 1, dilation 1, one group, padding at most kernel - 1.
+bool swapped_weight_part_applies(const Geometry& g, const Tensor& weight) {
+  if (g.groups != 1) return false;
+  for (size_t d = 0; d < g.stride.size(); ++d) {
+    if (g.stride[d] != 1 || g.dilation[d] != 1 || g.padding[d] > weight.size(2 + d) - 1) return false;
+  }
+  return true;
+}
+
+// The weight part corr(gg, g) as one convolution of the batch-transposed tensors, giving the weight gradient in
+// W's own layout: with stride and dilation 1,
+//   dW[o, i, a] = sum_{n, y} g[n, o, y] gg[n, i, y + a - p] = conv(g^T, gg^T; padding k - 1 - p)[o, i, k - 1 - a]
+// (g^T: batch as channels; a, y, p, k per spatial dim), i.e. that convolution flipped in every spatial dim.
+// PyTorch's double backward convolves with the roles swapped (gg^T by g^T), whose [C_in, C_out, k] output is W's
+// layout transposed: every later add or copy of that gradient (AccumulateGrad) is then a strided transpose, ~10x
+// a contiguous add. Built from differentiable ATen ops, so autograd records it when the backward builds a graph.
+Tensor weight_part_swapped(const Tensor& grad, const Tensor& gg, const Tensor& weight, IntList padding) {
+  const int64_t d = weight.dim() - 2;
+  std::vector<int64_t> ones(d, 1), swapped_padding(d), spatial(d);
+  for (int64_t i = 0; i < d; ++i) {
+    swapped_padding[i] = weight.size(2 + i) - 1 - padding[i];
+    spatial[i] = 2 + i;
+  }
+  return at::convolution(grad.transpose(0, 1), gg.transpose(0, 1), std::nullopt, ones, swapped_padding, ones,
+                         false, std::vector<int64_t>(d, 0), 1)
+      .flip(spatial);
 }
 
 }  // namespace
@@ -122,8 +152,9 @@ struct ConvBackwardInput : torch::autograd::Function<ConvBackwardInput> {
     const Tensor &grad = saved[0], &weight = saved[1];
     const auto g = geometry(ctx);
     const bool want_grad = ctx->needs_input_grad(0), want_weight = ctx->needs_input_grad(1);
-    if (pytorch_vjp_is_faster(grad)) {  // both parts in one call (ggx stands in for x: only its shape is read)
-      auto [gg_grad, unused, gg_weight] = at::_convolution_double_backward(
+    const bool small = small_cpu_plane(grad);
+    if (small && !swapped_weight_part_applies(g, weight)) {  // PyTorch's own, both parts in one call (ggx stands
+      auto [gg_grad, unused, gg_weight] = at::_convolution_double_backward(  // in for x: only its shape is read)
           ggx[0], std::nullopt, std::nullopt, grad, weight, ggx[0], g.stride, g.padding, g.dilation, false,
           zeros_like_list(g.stride), g.groups, {want_grad, false, want_weight});
       out[0] = want_grad ? gg_grad : Tensor();
@@ -131,7 +162,9 @@ struct ConvBackwardInput : torch::autograd::Function<ConvBackwardInput> {
       return out;
     }
     if (want_grad) out[0] = conv_fwd_call(ggx[0], weight, std::nullopt, g.stride, g.padding, g.dilation, g.groups);
-    if (want_weight) {  // recorded by autograd when this backward builds a graph (PyTorch's derivatives)
+    if (want_weight && small) {
+      out[1] = weight_part_swapped(grad, ggx[0], weight, g.padding);
+    } else if (want_weight) {  // recorded by autograd when this backward builds a graph (PyTorch's derivatives)
       out[1] = std::get<1>(aten_conv_backward(grad, ggx[0], weight, g.stride, g.padding, g.dilation, g.groups,
                                               false, true));
     }

@@ -7,8 +7,11 @@ channels), on the project's CPU slower than the weight-gradient kernel of an ord
 chain (``fastjac::conv_fwd -> fastjac::conv_bwd_input``, ``csrc/autograd/conv.cpp``) takes it from
 ``convolution_backward``'s weight-gradient kernel instead, and the ``g`` part as a forward convolution (the next
 link): that VJP is 1.1–3.7× faster at VGG-9's layer shapes of 8×8 and more (``python -m
-benchmarks.conv_double_backward``; on CPU, output planes of ≤ 16 elements keep PyTorch's own, faster there on some
-hosts). Every other derivative, and every order, is
+benchmarks.conv_double_backward``). On CPU at output planes of ≤ 16 elements, where oneDNN's weight-gradient kernel
+is slow on some hosts, the weight part is one convolution of the batch-transposed tensors, as PyTorch's, but with
+the roles swapped and flipped so that the gradient comes in the weight's own layout (PyTorch's comes transposed,
+and every later add or copy of it is a strided transpose); with stride ≠ 1, dilation ≠ 1 or groups, PyTorch's own
+double backward there. Every other derivative, and every order, is
 PyTorch's own, so all orders are exact.
 
 There is no Python chain: where the C++ chain does not serve a call (:func:`fastjac.ops._paths.use_cpp_chain`:
