@@ -284,10 +284,14 @@ def test_the_double_backward_takes_the_route_the_rule_names(spatial, groups, rou
     w = torch.randn(3, 3 // groups, 3, 3, generator=g, requires_grad=True)
     ops = _double_backward_ops(lambda x, w: fastjac.ops.conv(x, w, None, 1, 1, 1, groups), (x, w))
     assert _route(ops) == route
-    for geometry, name in zip(GEOMETRIES, IDS):  # the parity tests above exercise the split
+
+
+def test_the_parity_cases_cover_every_route():
+    """The parity tests above exercise the split (GEOMETRIES), test_small_output_planes the other two routes."""
+    for geometry, name in zip(GEOMETRIES, IDS):
         inputs, ours, _ = _case(geometry, torch.float32)
         assert _route(_double_backward_ops(ours, inputs)) == "split", name
-    for spatial, kernel, padding, stride, groups in SMALL_PLANES:  # ... and test_small_output_planes the others
+    for spatial, kernel, padding, stride, groups in SMALL_PLANES:
         x = torch.randn(1, 4, *spatial, requires_grad=True)
         w = torch.randn(6, 4 // groups, *kernel, requires_grad=True)
         ops = _double_backward_ops(lambda x, w: fastjac.ops.conv(x, w, None, stride, padding, 1, groups), (x, w))

@@ -31,6 +31,7 @@ BatchNorm running statistics are averaged over the ranks after every epoch
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -377,6 +378,9 @@ class Trainer:
         x, y = self._prepare(idx)
         self.optimizer.zero_grad(set_to_none=True)
         chunks = self._chunks(x, y, self._to_device(idx))
+        # gradients of the optimised parameters only: the input, a leaf that requires grad for the Jacobian terms,
+        # gets none (no first-layer input gradient, no x.grad buffer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         values, weighted, totals = [], [], []
         for i, (xc, yc, ic) in enumerate(chunks):
             with self._autocast():
@@ -390,15 +394,10 @@ class Trainer:
             for term in weighted[-1][1:]:
                 total = total + term
             totals.append(total.detach())
-            # gradients of the optimised parameters only: the input, a leaf that requires grad for the Jacobian
-            # terms, gets none (no first-layer input gradient, no x.grad buffer)
-            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
-            if isinstance(self.ddp, nn.parallel.DistributedDataParallel) and i < len(chunks) - 1:
-                with self.ddp.no_sync():
-                    torch.autograd.backward(total / len(chunks), inputs=params)
-            else:
+            ddp_defers = isinstance(self.ddp, nn.parallel.DistributedDataParallel) and i < len(chunks) - 1
+            with self.ddp.no_sync() if ddp_defers else contextlib.nullcontext():
                 torch.autograd.backward(total / len(chunks), inputs=params)
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
         found_inf = self.log.record(step, [[v.detach() for v in vals] for vals in values],
                                     [[w.detach() for w in ws] for ws in weighted], totals, grads)
         self.log.guarded_step(self.optimizer, found_inf)
