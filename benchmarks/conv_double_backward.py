@@ -3,8 +3,10 @@
 For each distinct convolution of VGG-9-BN at batch 64 (3×32×32 input), one layer's share of a Jacobian loss:
 ``gx = ∂⟨y, v⟩/∂x`` with a graph, then the gradient of ``⟨gx, u⟩`` w.r.t. ``(v, W)``: the VJP of the input gradient,
 the step whose weight part PyTorch computes as a convolution of transposed tensors and fastjac with ATen's
-weight-gradient kernel. Times that VJP alone (the input gradient is rebuilt untimed each round), median of
-``repeats``, both variants round-robin in one process.
+weight-gradient kernel. Times that VJP alone (the input gradient is rebuilt untimed each round), accumulated into
+``v.grad`` and ``W.grad`` as a training step's backward does (they start unset, as after ``zero_grad``): a weight
+gradient not in the weight's own layout is then copied into it (AccumulateGrad's layout contract), a cost that
+returning the gradient would hide. Median of ``repeats``, both variants round-robin in one process.
 
     python -m benchmarks.conv_double_backward [--repeats 7] [--threads 1]
 """
@@ -25,14 +27,16 @@ VARIANTS = {"pytorch": F.conv2d, "fastjac": fastjac.ops.conv}
 
 
 def _double_backward(conv, x, w, v, u):
-    """A callable running the VJP of the input gradient of ``conv`` at (x, w) for cotangent ``u``."""
+    """``(prepare, run)``: ``prepare()`` builds the input gradient of ``conv`` at (x, w) for cotangent ``v`` and clears
+    ``v.grad`` and ``w.grad``; ``run(gx)`` backpropagates ``u`` through it into ``v.grad`` and ``w.grad``."""
     def prepare():
         y = conv(x, w, None, 1, 1)
         (gx,) = torch.autograd.grad(y, x, v, create_graph=True)
+        v.grad = w.grad = None
         return gx
 
     def run(gx):
-        torch.autograd.grad(gx, (v, w), u)
+        torch.autograd.backward(gx, u, inputs=(v, w))
 
     return prepare, run
 
