@@ -7,7 +7,9 @@ Prints one JSON line. Method (one fresh process per variant, so nothing from oth
    allocations such as SGD momentum buffers and oneDNN primitive caches become steady state). The running
    sum of the allocation/free events (every c10 CPU tensor allocation, nothing else) peaks during the
    second step ``alloc_peak_bytes`` above the live bytes at its start: the allocator-level cross-check;
-3. ``gc.collect()``, ``malloc_trim(0)``; baseline = current RSS (``VmRSS``);
+3. ``gc.collect()``, ``malloc_trim(0)``, ``fastjac.empty_cache()`` (the CPU output pool's kept blocks are released,
+   so the measured step maps again whatever it reuses from the pool: the peak counts them); baseline = current
+   RSS (``VmRSS``);
 4. reset the kernel's peak-RSS high-water mark (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``);
 5. run the measured step (no profiler: its event records would inflate RSS); peak = ``VmHWM``; report
    ``step_peak_bytes = peak - baseline``: the extra resident memory one step needs on top of the
@@ -36,7 +38,10 @@ def _status_kib(key: str) -> int:
 
 
 def _trim() -> None:
+    import fastjac
+
     gc.collect()
+    fastjac.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -118,6 +123,7 @@ def main(argv=None) -> None:
         "peak_bytes": peak_kib * 1024,
         "step_peak_bytes": (peak_kib - baseline_kib) * 1024,
         "alloc_peak_bytes": alloc_peak,
+        "pool_kept_after_step_bytes": fastjac.cpu_pool_stats()["cached_bytes"],
         "method": method,
     }))
 

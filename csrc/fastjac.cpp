@@ -6,6 +6,9 @@
 namespace fastjac::autograd {
 void bind_entries(pybind11::module& m);  // csrc/autograd/entries.cpp
 }
+namespace fastjac::cpu {
+void bind_output_pool(pybind11::module& m);  // csrc/cpu/output_pool.cpp
+}
 
 TORCH_LIBRARY(fastjac, m) {
   m.def("relu_fwd(Tensor x) -> (Tensor, Tensor)");
@@ -62,4 +65,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "True when the extension was built with the CUDA kernels.");
   fastjac::autograd::bind_entries(m);
+  fastjac::cpu::bind_output_pool(m);
 }

@@ -23,10 +23,7 @@
 #include "../common/aten_utils.h"
 #include "../common/bitmask.h"
 #include "../common/relu.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
+#include "output_pool.h"  // empty_output: the kernels' large outputs, on reused pages
 
 namespace fastjac::cpu {
 
@@ -42,24 +39,6 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // `#pragma omp simd` usable inside macro arguments (e.g. the lambdas of FASTJAC_DISPATCH).
 #define FASTJAC_OMP_SIMD _Pragma("omp simd")
-
-// ---------------------------------------------------------------------------------------------------------
-// Outputs
-
-// A new contiguous tensor shaped like `like`. Large outputs are written right after allocation, and first-touch
-// page faults (4 KiB each, ~10 ms per 32 MiB here) can cost more than the kernel: their 2 MiB-aligned interior
-// is advised to transparent huge pages before the first touch (what c10's THP_MEM_ALLOC_ENABLE=1 does for
-// every allocation; a no-op where THP is disabled).
-inline at::Tensor empty_output(const at::Tensor& like) {
-  at::Tensor t = at::empty(like.sizes(), like.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (hi >= lo + 2 * kHuge) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-  return t;
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Packed masks
