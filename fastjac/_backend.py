@@ -130,24 +130,23 @@ def _validate_choice(name: str, source: str) -> str:
 _forced = _validate_choice(os.environ.get("FASTJAC_BACKEND", "auto"), "FASTJAC_BACKEND")
 
 
-_compiled_serves_cache: dict = {}
+_compiled_serves_cache: dict = {}  # device kind -> compiled_serves' answer under the current choice
 
 
 def compiled_serves(x: torch.Tensor) -> bool:
     """Whether the compiled kernels (the ``cpu`` or ``cuda`` backend) serve ``x`` under the current choice.
 
-    Called on every fused-op call, so it is a dictionary lookup after the first call per (choice, device type);
-    :func:`set_backend` clears the cache. An unavailable forced backend answers False here: the Python chain
+    Called on every fused-op call, so it is a dictionary lookup after the first call per device type (the cache
+    holds the current choice's answers; :func:`set_backend` clears it). An unavailable forced backend answers False here: the Python chain
     then raises the full error."""
     kind = "cpu" if x.is_cpu else "cuda" if x.is_cuda else "other"
-    key = (_forced, kind)
-    answer = _compiled_serves_cache.get(key)
+    answer = _compiled_serves_cache.get(kind)
     if answer is None:
         try:
             answer = kind != "other" and backend_name(x.device) in ("cpu", "cuda")
         except RuntimeError:
             answer = False
-        _compiled_serves_cache[key] = answer
+        _compiled_serves_cache[kind] = answer
     return answer
 
 
