@@ -197,14 +197,20 @@ struct BnBackward : torch::autograd::Function<BnBackward> {
 // differentiable outputs, and a backward call made while the switch is on uses the per-channel formula
 // gx = γ r g~ with the batch statistics as this sample's constants (the frozen link, whose own backward
 // returns the statistics' gradients, which reach x here through dmean/dx and dinvstd/dx).
+//
+// The running statistics are not autograd inputs (they are passed by pointer: no edge, no input metadata), and
+// without a switch the statistics are returned through `stats_out`, not as outputs of the node (autograd wraps one
+// output instead of three; they are constants, as non-differentiable outputs would be): on a tiny tensor this
+// bookkeeping is a measurable part of the call (benchmarks/call_overhead.py).
 struct BnForward : torch::autograd::Function<BnForward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                               const OptTensor& running_mean, const OptTensor& running_var, bool training,
-                               double momentum, double eps, bool relu, const Tensor* frozen_switch) {
+                               const OptTensor* running_mean, const OptTensor* running_var, bool training,
+                               double momentum, double eps, bool relu, const Tensor* frozen_switch,
+                               BnTriple* stats_out) {
     at::AutoDispatchBelowADInplaceOrView below;
     static const auto op = op_handle<BnTriple(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                               const OptTensor&, bool, double, double, bool)>("fastjac::bn_fwd");
-    auto [y, mean, invstd] = op.call(x, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+    auto [y, mean, invstd] = op.call(x, weight, bias, *running_mean, *running_var, training, momentum, eps, relu);
     // Absent gradients stay undefined: a zero-filled one for mean / invstd would send 0 * xh through the statistics
     // path, NaN at a non-finite x (and a pass over x for nothing).
     ctx->set_materialize_grads(false);
@@ -213,14 +219,16 @@ struct BnForward : torch::autograd::Function<BnForward> {
     save_flags(ctx, training, relu, present_bits({true, weight.has_value(), bias.has_value()}));
     if (frozen_switch != nullptr && training) {
       ctx->saved_data["switch"] = *frozen_switch;  // not a saved variable: flipping it is no in-place error
-    } else {
-      ctx->mark_non_differentiable({mean, invstd});
+      return {y, mean, invstd};
     }
-    return {y, mean, invstd};
+    *stats_out = {Tensor(), mean, invstd};
+    return {y};
   }
 
+  // grads: (y) or, from a switchable graph, (y, mean, invstd).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) return variable_list(10);
+    grads.resize(3);
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) return variable_list(11);
     const auto s = ctx->get_saved_variables();
     const Flags f = flags(ctx);
     const auto wanted = wanted_inputs(ctx, f.present, 3);
@@ -236,7 +244,7 @@ struct BnForward : torch::autograd::Function<BnForward> {
     }
     return {wanted[0] ? gx : Tensor(), gw.defined() ? wanted_as(wanted[1], gw, weight) : Tensor(),
             gb.defined() ? wanted_as(wanted[2], gb, weight) : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(), Tensor(), Tensor()};
+            Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -273,13 +281,15 @@ void bn_check_user_arguments(const Tensor& x, const OptTensor& weight, const Opt
 BnTriple bn_fwd_switchable(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                            const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
                            double eps, bool relu, const Tensor* frozen_switch) {
-  auto out =
-      BnForward::apply(x, weight, bias, running_mean, running_var, training, momentum, eps, relu, frozen_switch);
+  BnTriple stats;
+  auto out = BnForward::apply(x, weight, bias, &running_mean, &running_var, training, momentum, eps, relu,
+                              frozen_switch, &stats);
   if (training && running_mean.has_value()) {  // updated in place by the kernel, once
     torch::autograd::increment_version(*running_mean);
     torch::autograd::increment_version(*running_var);
   }
-  return {out[0], out[1], out[2]};
+  if (out.size() == 3) return {out[0], out[1], out[2]};
+  return {out[0], std::get<1>(stats), std::get<2>(stats)};
 }
 
 namespace {
