@@ -60,8 +60,10 @@ struct Block {
   size_t request;  // bytes asked for by the tensor (what the profiler is told)
 };
 
-// Maps `bytes` (a multiple of kPage): 2 MiB-aligned and advised to transparent huge pages when large.
-void* map_block(size_t bytes) {
+// Maps `bytes` (a multiple of kPage): when large, 2 MiB-aligned, and the whole 2 MiB pages of the first `request`
+// bytes advised to transparent huge pages (the tail keeps 4 KiB pages, so that no more is resident than a request
+// touches).
+void* map_block(size_t bytes, size_t request) {
   const bool huge = bytes >= 2 * kHuge;
   const size_t span = huge ? bytes + kHuge : bytes;
   void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -71,7 +73,8 @@ void* map_block(size_t bytes) {
   if (start > base) munmap(p, start - base);
   if (const size_t tail = base + span - (start + bytes); tail > 0) munmap(reinterpret_cast<void*>(start + bytes), tail);
 #ifdef MADV_HUGEPAGE
-  madvise(reinterpret_cast<void*>(start), bytes, MADV_HUGEPAGE);
+  if (const size_t whole = request / kHuge * kHuge; whole > 0)
+    madvise(reinterpret_cast<void*>(start), whole, MADV_HUGEPAGE);
 #endif
   return reinterpret_cast<void*>(start);
 }
@@ -114,10 +117,10 @@ class OutputPool final : public c10::Allocator {
     }
     unmap(evicted);
     if (block == nullptr) {
-      void* p = map_block(bytes);
+      void* p = map_block(bytes, n);
       if (p == nullptr) {
         release();  // out of address space or memory: drop what is kept and try once more
-        p = map_block(bytes);
+        p = map_block(bytes, n);
       }
       TORCH_CHECK(p != nullptr, "fastjac: could not map ", bytes, " bytes for a CPU kernel output (", std::strerror(errno),
                   ")");

@@ -9,7 +9,8 @@
 // Memory rule: the pool never raises peak resident memory above what the same program reaches without it. A
 // freed block is kept (resident memory stays where it was, where c10 would have dropped it); an allocation that
 // finds no block of its size first releases kept blocks of at least its size (oldest first) before mapping a
-// new one, so resident memory then rises by no more than without the pool. Kept memory is also bounded
+// new one, so resident memory then rises by no more than without the pool (up to the rounding of a block to whole
+// pages: a reused block may hold pages its previous, slightly larger output of the same rounded size touched). Kept memory is also bounded
 // (FASTJAC_CPU_POOL_MB, default a quarter of physical memory up to 8 GiB; 0 disables the pool) and released by
 // release_output_pool() (Python: fastjac.empty_cache()). Allocations and frees are reported to the PyTorch
 // profiler's memory events as c10's CPU allocator reports its own.
