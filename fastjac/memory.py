@@ -19,15 +19,11 @@ from __future__ import annotations
 from . import _backend
 
 
-def _extension():
-    return _backend._C
-
-
 def cpu_pool_stats() -> dict:
     """Counters of the CPU output pool: ``live_bytes`` (held by tensors), ``cached_bytes`` (kept, free),
     ``limit_bytes`` (bound on ``cached_bytes``; 0 = off), ``hits``, ``misses``, ``released_blocks``. All zero
     without the compiled extension."""
-    ext = _extension()
+    ext = _backend._C
     if ext is None:
         return dict.fromkeys(("live_bytes", "cached_bytes", "limit_bytes", "hits", "misses", "released_blocks"), 0)
     return dict(ext.output_pool_stats())
@@ -35,7 +31,7 @@ def cpu_pool_stats() -> dict:
 
 def empty_cache() -> None:
     """Release every block the CPU output pool keeps (as :func:`torch.cuda.empty_cache` does for CUDA)."""
-    ext = _extension()
+    ext = _backend._C
     if ext is not None:
         ext.release_output_pool()
 
@@ -45,6 +41,6 @@ def set_cpu_pool_limit(nbytes: int) -> None:
     released at once."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"set_cpu_pool_limit: nbytes must be an int >= 0 (0 turns the pool off), got {nbytes!r}")
-    ext = _extension()
+    ext = _backend._C
     if ext is not None:
         ext.set_output_pool_limit(nbytes)

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <sstream>
+#include <utility>
 
 #include "chain.h"
 
@@ -206,7 +207,7 @@ struct BnForward : torch::autograd::Function<BnForward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                                const OptTensor* running_mean, const OptTensor* running_var, bool training,
                                double momentum, double eps, bool relu, const Tensor* frozen_switch,
-                               BnTriple* stats_out) {
+                               std::pair<Tensor, Tensor>* stats_out) {
     at::AutoDispatchBelowADInplaceOrView below;
     static const auto op = op_handle<BnTriple(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                               const OptTensor&, bool, double, double, bool)>("fastjac::bn_fwd");
@@ -221,7 +222,7 @@ struct BnForward : torch::autograd::Function<BnForward> {
       ctx->saved_data["switch"] = *frozen_switch;  // not a saved variable: flipping it is no in-place error
       return {y, mean, invstd};
     }
-    *stats_out = {Tensor(), mean, invstd};
+    *stats_out = {mean, invstd};
     return {y};
   }
 
@@ -281,7 +282,7 @@ void bn_check_user_arguments(const Tensor& x, const OptTensor& weight, const Opt
 BnTriple bn_fwd_switchable(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
                            const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
                            double eps, bool relu, const Tensor* frozen_switch) {
-  BnTriple stats;
+  std::pair<Tensor, Tensor> stats;
   auto out = BnForward::apply(x, weight, bias, &running_mean, &running_var, training, momentum, eps, relu,
                               frozen_switch, &stats);
   if (training && running_mean.has_value()) {  // updated in place by the kernel, once
@@ -289,7 +290,7 @@ BnTriple bn_fwd_switchable(const Tensor& x, const OptTensor& weight, const OptTe
     torch::autograd::increment_version(*running_var);
   }
   if (out.size() == 3) return {out[0], out[1], out[2]};
-  return {out[0], std::get<1>(stats), std::get<2>(stats)};
+  return {out[0], stats.first, stats.second};
 }
 
 namespace {

@@ -104,15 +104,9 @@ class OutputPool final : public c10::Allocator {
         cached_bytes_ -= bytes;
         ++hits_;
       } else {  // release kept blocks of at least `bytes` first: resident memory rises no more than without the pool
-        size_t freed = 0;
-        while (freed < bytes && !cached_.empty()) {
-          Block* b = cached_.front();
-          cached_.erase(cached_.begin());
-          freed += b->bytes, cached_bytes_ -= b->bytes;
-          evicted.push_back(b);
-        }
-        released_ += int64_t(evicted.size());
         ++misses_;
+        const size_t target = cached_bytes_ > bytes ? cached_bytes_ - bytes : 0;
+        evicted = evict_oldest_locked([&] { return cached_bytes_ > target; });
       }
     }
     unmap(evicted);
@@ -124,10 +118,10 @@ class OutputPool final : public c10::Allocator {
       }
       TORCH_CHECK(p != nullptr, "fastjac: could not map ", bytes, " bytes for a CPU kernel output (", std::strerror(errno),
                   ")");
-      block = new Block{p, bytes, n};
+      block = new Block{p, bytes, 0};
     }
     block->request = n;
-    report(block, true);
+    account(block, true);
     return {block->ptr, block, &OutputPool::free_block, c10::Device(c10::kCPU)};
   }
 
@@ -139,20 +133,20 @@ class OutputPool final : public c10::Allocator {
     std::vector<Block*> evicted;
     {
       const std::lock_guard<std::mutex> lock(mu_);
-      evicted.swap(cached_);
-      cached_bytes_ = 0;
-      released_ += int64_t(evicted.size());
+      evicted = evict_oldest_locked([&] { return true; });
     }
     unmap(evicted);
   }
 
   void set_limit(int64_t bytes) {
     TORCH_CHECK_VALUE(bytes >= 0, "fastjac: the CPU output pool's limit must be >= 0 bytes, got ", bytes);
+    std::vector<Block*> evicted;
     {
       const std::lock_guard<std::mutex> lock(mu_);
       limit_ = bytes;
+      evicted = evict_over_limit_locked();
     }
-    trim();
+    unmap(evicted);
   }
 
   OutputPoolStats stats() {
@@ -166,43 +160,49 @@ class OutputPool final : public c10::Allocator {
  private:
   static void free_block(void* ctx);
 
+  // A freed output's block: kept, then the oldest kept blocks beyond limit_ released.
   void keep(Block* block) {
-    report(block, false);
-    {
-      const std::lock_guard<std::mutex> lock(mu_);
-      cached_.push_back(block);
-      cached_bytes_ += block->bytes;
-    }
-    trim();
-  }
-
-  // Releases the oldest kept blocks while more than limit_ bytes are kept.
-  void trim() {
-    std::vector<Block*> evicted;
-    {
-      const std::lock_guard<std::mutex> lock(mu_);
-      while (!cached_.empty() && int64_t(cached_bytes_) > limit_) {
-        evicted.push_back(cached_.front());
-        cached_bytes_ -= cached_.front()->bytes;
-        cached_.erase(cached_.begin());
-      }
-      released_ += int64_t(evicted.size());
-    }
+    std::vector<Block*> evicted = account(block, false);
     unmap(evicted);
   }
 
-  // The profiler's memory events, as c10's CPU allocator reports its blocks.
-  void report(const Block* block, bool allocated) {
+  // Removes kept blocks, oldest first, while `more()` holds (mu_ held); the caller unmaps them outside the lock.
+  template <typename More>
+  std::vector<Block*> evict_oldest_locked(const More& more) {
+    size_t k = 0;
+    while (k < cached_.size() && more()) cached_bytes_ -= cached_[k++]->bytes;
+    std::vector<Block*> evicted(cached_.begin(), cached_.begin() + k);
+    cached_.erase(cached_.begin(), cached_.begin() + k);
+    released_ += int64_t(k);
+    return evicted;
+  }
+
+  std::vector<Block*> evict_over_limit_locked() {
+    return evict_oldest_locked([&] { return int64_t(cached_bytes_) > limit_; });
+  }
+
+  // Live-byte bookkeeping of an allocation or a free (which also keeps the block, trimming to limit_), and the
+  // profiler's memory event, as c10's CPU allocator reports its blocks. Returns the blocks to unmap.
+  std::vector<Block*> account(Block* block, bool allocated) {
     size_t live, reserved;
+    std::vector<Block*> evicted;
     {
       const std::lock_guard<std::mutex> lock(mu_);
-      live_ = allocated ? live_ + block->bytes : live_ - block->bytes;
+      if (allocated) {
+        live_ += block->bytes;
+      } else {
+        live_ -= block->bytes;
+        cached_.push_back(block);
+        cached_bytes_ += block->bytes;
+        evicted = evict_over_limit_locked();
+      }
       live = live_, reserved = live_ + cached_bytes_;
     }
     if (c10::memoryProfilingEnabled()) {
       const int64_t size = int64_t(block->request);
       c10::reportMemoryUsageToProfiler(block->ptr, allocated ? size : -size, live, reserved, c10::Device(c10::kCPU));
     }
+    return evicted;
   }
 
   std::mutex mu_;

@@ -2,17 +2,17 @@
 //
 // A large CPU tensor (>= 1 MiB) from c10's allocator is a fresh mmap: its first write faults every page in and
 // the kernel zeroes each one, which on this project's 2-core hosts costs more than the kernel that writes it
-// (benchmarks/RESULTS.md, "Fresh output pages": a 32 MiB output takes ~4 ms into fresh pages against ~1-2 ms
-// into reused ones). The pool keeps the blocks of freed outputs and hands them to the next output of the same
+// (benchmarks/RESULTS.md, "The CPU output pool, ...": filling a fresh 32 MiB tensor took 7.6 ms against 2.9 ms for
+// a reused one). The pool keeps the blocks of freed outputs and hands them to the next output of the same
 // size, as PyTorch's CUDA caching allocator does for device memory.
 //
 // Memory rule: the pool never raises peak resident memory above what the same program reaches without it. A
 // freed block is kept (resident memory stays where it was, where c10 would have dropped it); an allocation that
 // finds no block of its size first releases kept blocks of at least its size (oldest first) before mapping a
-// new one, so resident memory then rises by no more than without the pool (up to the rounding of a block to whole
-// pages: a reused block may hold pages its previous, slightly larger output of the same rounded size touched). Kept memory is also bounded
-// (FASTJAC_CPU_POOL_MB, default a quarter of physical memory up to 8 GiB; 0 disables the pool) and released by
-// release_output_pool() (Python: fastjac.empty_cache()). Allocations and frees are reported to the PyTorch
+// new one, so resident memory then rises by no more than without the pool (up to the rounding of a block to
+// whole pages: a reused block may hold pages that its previous, slightly larger output of the same rounded size
+// touched). Kept memory is also bounded (FASTJAC_CPU_POOL_MB, default a quarter of physical memory up to 8 GiB;
+// 0 disables the pool) and released by release_output_pool() (Python: fastjac.empty_cache()). Allocations and frees are reported to the PyTorch
 // profiler's memory events as c10's CPU allocator reports its own.
 #pragma once
 
