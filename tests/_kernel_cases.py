@@ -32,6 +32,10 @@ class KernelBackend:
 
     @property
     def ops(self):
+        if self.name == "cuda-emulated":
+            from _cuda_emulation import ops
+
+            return ops()
         return torch.ops.fastjac if self.name in ("cpu", "cuda") else _backend._triton_kernels()
 
     def __str__(self):
@@ -55,6 +59,10 @@ def kernel_backends() -> list[KernelBackend]:
 
 
 KERNEL_BACKENDS = kernel_backends()
+# The CUDA BatchNorm kernels run on the CPU by the emulation of tests/_cuda_emulation.py (BatchNorm only; with the
+# reduced parameter lists, as it runs a block's threads one by one).
+CUDA_EMULATED = KernelBackend("cuda-emulated", "cpu", fast=True)
+BN_BACKENDS = KERNEL_BACKENDS + [CUDA_EMULATED]
 
 
 def per_backend(argnames: str = "", full=((),), fast=None, backends=None):

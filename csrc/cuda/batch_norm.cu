@@ -110,8 +110,7 @@ __global__ void __launch_bounds__(kThreads) bn_pass_kernel(const Pass pass, cons
 template <typename Pass>
 void launch_pass(const Pass& pass, const BnLayout& lay, typename Pass::Partial* partials) {
   if (lay.numel() == 0) return;
-  bn_pass_kernel<<<lay.grid(), lay.block(), 0, c10::cuda::getCurrentCUDAStream()>>>(pass, lay, partials);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FASTJAC_LAUNCH(bn_pass_kernel<Pass>, lay.grid(), lay.block(), pass, lay, partials);
 }
 
 struct NoChannel {};
@@ -206,9 +205,7 @@ __global__ void __launch_bounds__(kThreads) bn_channel_kernel(const ChannelIO<A>
 template <typename A>
 void launch_channel(const ChannelIO<A>& io, const BnLayout& lay, const Tensor& parts) {
   const dim3 block(1, parts.defined() ? kThreads : 1);
-  bn_channel_kernel<<<unsigned(lay.C), block, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      io, scratch_ptr<BnSums<double>>(parts), lay.parts());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FASTJAC_LAUNCH(bn_channel_kernel<A>, unsigned(lay.C), block, io, scratch_ptr<BnSums<double>>(parts), lay.parts());
 }
 
 // Runs the affine pass with the runtime `flags`; returns its partial sums (undefined without kSum).
@@ -304,7 +301,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& wei
                                           bool training, double momentum, double eps, bool relu) {
   constexpr const char* op = "fastjac::bn_fwd";
   bn_check_input(x_, x_.device(), op);
-  const c10::cuda::CUDAGuard guard(x_.device());
+  const DeviceGuard guard(x_.device());
   const Tensor x = x_.contiguous();
   const BnLayout lay(x);
   const Tensor gamma = channel_param(weight, x, op, "weight"), beta = channel_param(bias, x, op, "bias");
@@ -319,9 +316,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& wei
     } else FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
       using A = at::opmath_type<scalar_t>;
       launch_pass(MomentsPass<scalar_t>{x.data_ptr<scalar_t>()}, lay, scratch_ptr<BnMoments<double>>(parts));
-      bn_moments_kernel<<<unsigned(lay.C), dim3(1, kThreads), 0, c10::cuda::getCurrentCUDAStream()>>>(
-          scratch_ptr<BnMoments<double>>(parts), lay.parts(), mean.data_ptr<A>(), var.data_ptr<A>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FASTJAC_LAUNCH(bn_moments_kernel<A>, unsigned(lay.C), dim3(1, kThreads), scratch_ptr<BnMoments<double>>(parts),
+                     lay.parts(), mean.data_ptr<A>(), var.data_ptr<A>());
     });
     invstd = bn_train_invstd(var, eps);
     bn_update_running(running_mean, running_var, mean, var, lay.M, momentum);
@@ -346,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_bwd(const Tensor& grad, const Tensor& x_, 
   constexpr const char* op = "fastjac::bn_bwd";
   bn_check_input(x_, x_.device(), op);
   check_like(grad, x_, op, "grad");
-  const c10::cuda::CUDAGuard guard(x_.device());
+  const DeviceGuard guard(x_.device());
   const Tensor x = x_.contiguous(), g = grad.contiguous(), gx = at::empty_like(x);
   const Tensor gw = stat_empty(x), gb = stat_empty(x);
   after_forward(BnKind::kBwd, bn_bwd_plan(training, relu), x, g, Tensor(), Tensor(), gx, gw, gb, mean, invstd,
@@ -363,7 +359,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_dbwd(const OptTensor& ggx, const OptTensor
   bn_check_input(x_, x_.device(), op);
   check_like(grad, x_, op, "grad");
   if (ggx.has_value()) check_like(*ggx, x_, op, "ggx");
-  const c10::cuda::CUDAGuard guard(x_.device());
+  const DeviceGuard guard(x_.device());
   const Tensor x = x_.contiguous(), g = grad.contiguous();
   const Tensor u = ggx.has_value() ? ggx->contiguous() : Tensor();
   const bool has_gx = u.defined() || ggw.has_value();
@@ -381,7 +377,7 @@ Tensor bn_jvp(const OptTensor& tx, const OptTensor& tw, const OptTensor& tb, con
   constexpr const char* op = "fastjac::bn_jvp";
   bn_check_input(x_, x_.device(), op);
   if (tx.has_value()) check_like(*tx, x_, op, "tx");
-  const c10::cuda::CUDAGuard guard(x_.device());
+  const DeviceGuard guard(x_.device());
   const Tensor x = x_.contiguous();
   const Tensor t = tx.has_value() ? tx->contiguous() : Tensor();
   const Tensor y_dot = at::empty_like(x);
@@ -392,11 +388,13 @@ Tensor bn_jvp(const OptTensor& tx, const OptTensor& tw, const OptTensor& tb, con
 
 }  // namespace
 
+#if !defined(FASTJAC_CUDA_EMULATION)  // the emulation registers them itself (tests/cuda_emulation/)
 TORCH_LIBRARY_IMPL(fastjac, CUDA, m) {
   m.impl("bn_fwd", &bn_fwd);
   m.impl("bn_bwd", &bn_bwd);
   m.impl("bn_dbwd", &bn_dbwd);
   m.impl("bn_jvp", &bn_jvp);
 }
+#endif
 
 }  // namespace fastjac::cuda

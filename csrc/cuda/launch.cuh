@@ -8,14 +8,34 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
 
 #include "../common/aten_utils.h"
+
+// FASTJAC_LAUNCH(kernel, grid, block, args...): kernel<<<grid, block>>>(args...) on the current stream, checked;
+// DeviceGuard: the device guard of a kernel call. With FASTJAC_CUDA_EMULATION (tests only), both come from
+// emulation.h and the kernels run on CPU tensors.
+#if defined(FASTJAC_CUDA_EMULATION)
+#include "emulation.h"
+#define FASTJAC_LAUNCH(kernel, grid, block, ...) ::fastjac::cuda::emulation::launch(grid, block, kernel, __VA_ARGS__)
+namespace fastjac::cuda {
+using emulation::DeviceGuard;
+}
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define FASTJAC_LAUNCH(kernel, grid, block, ...)                                   \
+  do {                                                                             \
+    kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);   \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                \
+  } while (0)
+namespace fastjac::cuda {
+using DeviceGuard = c10::cuda::CUDAGuard;
+}
+#endif
 
 namespace fastjac::cuda {
 
@@ -36,8 +56,7 @@ template <typename F>
 void launch_elementwise(int64_t n, const F& f) {
   if (n <= 0) return;
   const auto blocks = static_cast<unsigned>(std::min(ceil_div(n, kThreads), kMaxGridX));
-  elementwise_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(n, f);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FASTJAC_LAUNCH(elementwise_kernel<F>, blocks, kThreads, n, f);
 }
 
 // Merges the values of the threads of a column (same threadIdx.x, all threadIdx.y; blockDim.y a power of two)
@@ -45,7 +64,7 @@ void launch_elementwise(int64_t n, const F& f) {
 // of the column). Acc has merge(const Acc&). Every thread of the block must call it.
 template <typename Acc>
 __device__ Acc reduce_over_y(const Acc& value) {
-  __shared__ alignas(16) unsigned char raw[kThreads * sizeof(Acc)];
+  alignas(16) __shared__ unsigned char raw[kThreads * sizeof(Acc)];
   Acc* sm = reinterpret_cast<Acc*>(raw);
   const int tx = threadIdx.x, nx = blockDim.x;
   sm[threadIdx.y * nx + tx] = value;
