@@ -37,7 +37,8 @@ step backends 60 $PY -c "import fastjac, json; print(fastjac.backends()); print(
 
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n $((NJOBS > 14 ? 14 : NJOBS))"
-step tests 180 $PY -m pytest -q $XDIST tests/test_cuda_backend.py tests/test_cuda_launches.py tests/test_cpp_chain.py \
+# -k: not the CPU emulation of the CUDA kernels (tests/_cuda_emulation.py), which the real ones replace here.
+step tests 180 $PY -m pytest -q $XDIST -k "not emulat" tests/test_cuda_backend.py tests/test_cuda_launches.py tests/test_cpp_chain.py \
   tests/test_frozen_backward.py tests/test_training_one_pass.py tests/test_kernels.py tests/test_kernel_opcheck.py \
   tests/test_ops_parity.py tests/test_nn_convert.py tests/test_torch_func.py tests/test_pytorch_samples.py tests/test_conv.py
 

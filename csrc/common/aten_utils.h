@@ -1,6 +1,6 @@
-// Host-side ATen helpers shared by the CPU (csrc/cpu/) and CUDA (csrc/cuda/) kernels: the dtype dispatch,
-// argument checks (clear errors naming the argument), and the BatchNorm statistics that are tensor operations
-// (eval statistics, running-statistics update), so that both backends have exactly the same semantics.
+// Host-side ATen helpers shared by the CPU (csrc/cpu/) and CUDA (csrc/cuda/) kernels: the dtype dispatch and the
+// argument checks (clear errors naming the argument), so that both backends accept and reject the same inputs.
+// (The BatchNorm statistics themselves are per-channel math of batch_norm.h, run by each backend's own code.)
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -87,27 +87,6 @@ inline void bn_check_forward(const at::Tensor& x, int64_t count, const std::opti
   } else {
     TORCH_CHECK(running_mean.has_value(), op, ": running_mean and running_var are required when training=false");
   }
-}
-
-// Running statistics from the batch mean and biased var (statistics dtype, count values per channel):
-// rm = (1 - momentum) rm + momentum mean, rv = (1 - momentum) rv + momentum var M / (M - 1), exactly the
-// reference's update, in the running statistics' dtype.
-inline void bn_update_running(const std::optional<at::Tensor>& running_mean,
-                              const std::optional<at::Tensor>& running_var, const at::Tensor& mean,
-                              const at::Tensor& var, int64_t count, double momentum) {
-  if (!running_mean.has_value() || !bn_updates_running(count)) return;  // an empty batch leaves them alone
-  running_mean->mul_(1 - momentum).add_(mean.to(running_mean->scalar_type()).mul(momentum));
-  running_var->mul_(1 - momentum).add_(var.mul(count).div(count - 1).to(running_var->scalar_type()).mul(momentum));
-}
-
-// Training invstd from the batch's biased var: 1 / sqrt(var + eps) in the statistics dtype.
-inline at::Tensor bn_train_invstd(const at::Tensor& var, double eps) { return var.add(eps).rsqrt(); }
-
-// Eval statistics: (mean, invstd) = (rm, 1 / sqrt(rv + eps)) in the statistics dtype (mean a copy).
-inline std::tuple<at::Tensor, at::Tensor> bn_eval_stats(const at::Tensor& x, const at::Tensor& running_mean,
-                                                        const at::Tensor& running_var, double eps) {
-  return {running_mean.to(bn_stat_dtype(x), /*non_blocking=*/false, /*copy=*/true),
-          running_var.to(bn_stat_dtype(x)).add(eps).rsqrt()};
 }
 
 }  // namespace fastjac

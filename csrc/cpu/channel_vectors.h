@@ -38,15 +38,16 @@ inline at::Tensor channel_tensor(const std::vector<double>& v, at::ScalarType dt
   return t;
 }
 
-// r <- (1 - momentum) r + momentum s for each channel, in double, stored in r's dtype (as PyTorch's CPU batch
-// norm updates its running statistics).
-inline void blend_into(const at::Tensor& r, const std::vector<double>& s, double momentum) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "fastjac::blend_into", [&] {
+// r[c] <- f(r[c], c) for each channel, computed in double and stored in r's dtype (the running statistics'
+// update, bn_running_mean / bn_running_var, as PyTorch's CPU batch norm and the CUDA kernels' finishing step do).
+template <typename F>
+inline void update_channels(const at::Tensor& r, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "fastjac::update_channels", [&] {
     scalar_t* p = r.mutable_data_ptr<scalar_t>();
     const int64_t stride = r.dim() ? r.stride(0) : 1;
-    for (size_t c = 0; c < s.size(); ++c) {
+    for (int64_t c = 0; c < r.numel(); ++c) {
       scalar_t& e = p[c * stride];
-      e = static_cast<scalar_t>((1 - momentum) * static_cast<double>(e) + momentum * s[c]);
+      e = static_cast<scalar_t>(f(static_cast<double>(e), size_t(c)));
     }
   });
 }
@@ -64,12 +65,11 @@ inline ChannelStats bn_train_stats(const at::Tensor& x, const std::vector<double
                                  const std::optional<at::Tensor>& running_var, double momentum) {
   const at::ScalarType dtype = bn_stat_dtype(x);
   std::vector<double> invstd(var.size());
-  for (size_t c = 0; c < var.size(); ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  for (size_t c = 0; c < var.size(); ++c) invstd[c] = bn_invstd(var[c], eps);
   if (running_mean.has_value() && bn_updates_running(count)) {
-    std::vector<double> unbiased(var.size());
-    for (size_t c = 0; c < var.size(); ++c) unbiased[c] = var[c] * count / (count - 1);
-    blend_into(*running_mean, mean, momentum);
-    blend_into(*running_var, unbiased, momentum);
+    update_channels(*running_mean, [&](double rm, size_t c) { return bn_running_mean(rm, mean[c], momentum); });
+    update_channels(*running_var,
+                    [&](double rv, size_t c) { return bn_running_var(rv, var[c], double(count), momentum); });
   }
   return {channel_tensor(mean, dtype), channel_tensor(invstd, dtype)};
 }
@@ -79,7 +79,7 @@ inline ChannelStats bn_eval_stats_cpu(const at::Tensor& x, const at::Tensor& run
                                     const at::Tensor& running_var, double eps) {
   const std::vector<double> rv = read_channels(running_var);
   std::vector<double> invstd(rv.size());
-  for (size_t c = 0; c < rv.size(); ++c) invstd[c] = 1.0 / std::sqrt(rv[c] + eps);
+  for (size_t c = 0; c < rv.size(); ++c) invstd[c] = bn_invstd(rv[c], eps);
   return {channel_tensor(read_channels(running_mean), bn_stat_dtype(x)), channel_tensor(invstd, bn_stat_dtype(x))};
 }
 

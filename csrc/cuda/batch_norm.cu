@@ -9,10 +9,16 @@
 //   of rows; threads along x are positions, along y rows, so a warp reads contiguous memory.
 // - Deterministic reductions, no atomics: each thread accumulates in the compute type, the block merges its
 //   threads in a fixed tree order (reduce_over_y) and writes one partial per (channel, block) in double to a
-//   scratch buffer; a per-channel kernel merges a channel's partials in a fixed order and computes the
-//   coefficients. The split of the work depends on the shape only, so results are the same on every GPU.
+//   scratch buffer. The split of the work depends on the shape only, so results are the same on every GPU.
+// - One launch per pass (issue 12 item 3; training forward + backward + double backward in 6 kernels): the
+//   per-channel finishing step (finish_channel: merge a channel's partials in a fixed order, statistics, invstd,
+//   running-statistics update, coefficients) runs at the start of the next pass, in every block that needs it
+//   (each merges the same partials in the same order, so all get the same values), and one writer thread per
+//   channel stores the per-channel outputs. It runs as its own kernel only after eval's single summing pass and
+//   for an empty batch.
 // - Statistics (bn_fwd): Welford per thread and Chan merges (BnMoments) in the compute type within a block, in
 //   double across blocks.
+// - Tested without a GPU by the CPU emulation of emulation.h (tests/_cuda_emulation.py).
 #include <torch/library.h>
 
 #include <optional>
@@ -63,26 +69,138 @@ struct BnLayout {
     }
   }
   int64_t numel() const { return N * L; }
-  int64_t parts() const { return rows ? nsplit : S * nsplit; }
+  __host__ __device__ int64_t parts() const { return rows ? nsplit : S * nsplit; }
   dim3 grid() const {
     return rows ? dim3(unsigned(C), unsigned(nsplit)) : dim3(unsigned(ceil_div(L, tx)), unsigned(nsplit));
   }
   dim3 block() const { return dim3(tx, ty); }
 };
 
-// One pass: every element of the block's part, then (Pass::kSums) the block's partial per channel / position.
-// Pass provides Acc (compute-type accumulator with merge), Partial (double, from partial(acc)), channel(c)
-// (per-channel constants) and element(k, i, acc).
+// ---------------------------------------------------------------------------------------------------------
+// Per-channel values and the finishing step
+
+// A per-channel vector of any floating dtype and stride (the running statistics, whose dtype may differ from the
+// statistics dtype), read and written through double as the CPU kernels do (csrc/cpu/channel_vectors.h).
+struct ChannelVector {
+  void* data = nullptr;
+  int64_t stride = 1;
+  at::ScalarType dtype = at::kFloat;
+
+  __device__ double get(int64_t c) const {
+    const int64_t i = c * stride;
+    switch (dtype) {
+      case at::kDouble: return static_cast<const double*>(data)[i];
+      case at::kHalf: return double(float(static_cast<const c10::Half*>(data)[i]));
+      case at::kBFloat16: return double(float(static_cast<const c10::BFloat16*>(data)[i]));
+      default: return double(static_cast<const float*>(data)[i]);
+    }
+  }
+  __device__ void set(int64_t c, double v) const {
+    const int64_t i = c * stride;
+    switch (dtype) {
+      case at::kDouble: static_cast<double*>(data)[i] = v; break;
+      case at::kHalf: static_cast<c10::Half*>(data)[i] = c10::Half(float(v)); break;
+      case at::kBFloat16: static_cast<c10::BFloat16*>(data)[i] = c10::BFloat16(float(v)); break;
+      default: static_cast<float*>(data)[i] = float(v);
+    }
+  }
+};
+
+// Per-channel inputs and outputs of a kernel (statistics dtype A, which is also the compute type; nullptr =
+// absent: gamma 1, beta / p / q 0, output not written).
+template <typename A>
+struct ChannelIO {
+  const A *mean = nullptr, *invstd = nullptr;  // the forward's statistics (kernels after bn_fwd)
+  const A *gamma = nullptr, *beta = nullptr, *p = nullptr, *q = nullptr;
+  BnKind kind = BnKind::kFwd;
+  bool training = false, want_z = false;
+  double count = 0;
+  A *out0 = nullptr, *out1 = nullptr;
+  // bn_fwd: the statistics come from the moments pass (training) or the running statistics (eval) and are stored
+  // to mean_out / invstd_out; in training with count > 0 the running statistics are updated, exactly once.
+  bool fwd = false;
+  ChannelVector running_mean, running_var;
+  double eps = 0, momentum = 0;
+  A *mean_out = nullptr, *invstd_out = nullptr;
+};
+
+// Channel c's partials merged in a fixed order by the threads of a column (same threadIdx.x): every thread of
+// the block must call it.
+template <typename Partial>
+__device__ Partial merge_parts(const Partial* parts, int64_t P, int64_t c) {
+  Partial acc;
+  for (int64_t k = threadIdx.y; k < P; k += blockDim.y) acc.merge(parts[c * P + k]);
+  return reduce_over_y(acc);
+}
+
+// The finishing step of channel c, folded into the pass that needs it (or run alone by bn_channel_kernel): the
+// statistics (bn_fwd: mean and biased var from the moments pass's partials `moments`, invstd = bn_invstd, or the
+// running statistics in eval; later kernels: the saved mean and invstd), the per-element constants (the fused
+// ReLU's z = a x + c by bn_z_coef) and the coefficients of bn_kernel_coef from the previous pass's sums `sums`
+// (zero when nullptr), all in double as on the CPU and rounded once to A. The channel's `writer` (one thread per
+// channel in a launch) stores bn_fwd's statistics and running-statistics update, and, with `write_out`, out0 /
+// out1. Every thread of the block calls it (the merges are block-wide); the partials are P per channel.
+template <typename A>
+__device__ BnChannel<A> finish_channel(const ChannelIO<A>& io, int64_t c, const BnMoments<double>* moments,
+                                       const BnSums<double>* sums, int64_t P, bool writer, bool write_out) {
+  double mean = 0, r = 0;
+  if (io.fwd && io.training) {
+    BnMoments<double> m;
+    if (moments) m = merge_parts(moments, P, c);
+    const BnMeanVar<double> mv = bn_mean_var(m);
+    mean = double(A(mv.mean)), r = double(A(bn_invstd(mv.var, io.eps)));
+    if (writer && io.running_mean.data && bn_updates_running(int64_t(io.count))) {
+      io.running_mean.set(c, bn_running_mean(io.running_mean.get(c), mv.mean, io.momentum));
+      io.running_var.set(c, bn_running_var(io.running_var.get(c), mv.var, io.count, io.momentum));
+    }
+  } else if (io.fwd) {
+    mean = double(A(io.running_mean.get(c))), r = double(A(bn_invstd(io.running_var.get(c), io.eps)));
+  } else {
+    mean = double(io.mean[c]), r = double(io.invstd[c]);
+  }
+  if (io.fwd && writer) io.mean_out[c] = A(mean), io.invstd_out[c] = A(r);
+  BnSums<double> s;
+  if (sums) s = merge_parts(sums, P, c);
+  auto value = [c](const A* v, double fill) { return v ? double(v[c]) : fill; };
+  const double gamma = value(io.gamma, 1.0);
+  BnChannel<A> k;
+  k.mean = A(mean), k.r = A(r);
+  if (io.want_z) {
+    const BnZ<double> z = bn_z_coef(mean, r, gamma, value(io.beta, 0.0));
+    k.z = BnZ<A>{A(z.a), A(z.c)};
+  }
+  const BnKernelCoef<double> kc =
+      bn_kernel_coef(io.kind, s, io.count, gamma, r, value(io.p, 0.0), value(io.q, 0.0), io.training);
+  auto cast = [](const BnAffine<double>& a) { return BnAffine<A>{A(a.cu), A(a.cg), A(a.cx), A(a.c0)}; };
+  k.p = cast(kc.p), k.q = cast(kc.q);
+  if (writer && write_out) {
+    if (io.out0) io.out0[c] = A(kc.out0);
+    if (io.out1) io.out1[c] = A(kc.out1);
+  }
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Passes
+
+// One pass: the finishing step of the thread's channel (Pass::channel), every element of the block's part, then
+// (Pass::kSums) the block's partial per channel / position. Pass provides Acc (compute-type accumulator with
+// merge), Partial (double, from partial(acc)), channel(c, P, writer) and element(k, i, acc).
 template <typename Pass>
 __global__ void __launch_bounds__(kThreads) bn_pass_kernel(const Pass pass, const BnLayout lay,
                                                            typename Pass::Partial* partials) {
   typename Pass::Acc acc;
   const int64_t split = blockIdx.y;
-  bool valid = true;
+  // rows: the block's channel; columns: the thread's position e in a row of L = C S and its channel (clamped
+  // beyond the row, so that every thread takes part in the finishing step's block-wide merges)
+  const int64_t e = lay.rows ? 0 : int64_t(blockIdx.x) * lay.tx + threadIdx.x;
+  const bool valid = lay.rows || e < lay.L;
+  const int64_t c = lay.rows ? int64_t(blockIdx.x) : std::min(e, lay.L - 1) / lay.S;
+  // the one thread of the launch that stores channel c's outputs: of split 0, holding the channel's first element
+  const bool writer = split == 0 && threadIdx.y == 0 && (lay.rows || (valid && e % lay.S == 0));
+  const auto k = pass.channel(c, lay.parts(), writer);
   int64_t slot;
   if (lay.rows) {
-    const int64_t c = blockIdx.x;
-    const auto k = pass.channel(c);
     const int64_t j1 = std::min(lay.M, (split + 1) * lay.span);
     int64_t j = split * lay.span + threadIdx.y, n = j / lay.S, s = j - n * lay.S;
     for (; j < j1; j += kThreads) {
@@ -92,10 +210,7 @@ __global__ void __launch_bounds__(kThreads) bn_pass_kernel(const Pass pass, cons
     }
     slot = c * lay.nsplit + split;
   } else {
-    const int64_t e = int64_t(blockIdx.x) * lay.tx + threadIdx.x;  // position in a row of L = C S
-    valid = e < lay.L;
     if (valid) {
-      const auto k = pass.channel(e / lay.S);
       const int64_t n1 = std::min(lay.N, (split + 1) * lay.span);
       for (int64_t n = split * lay.span + threadIdx.y; n < n1; n += lay.ty) pass.element(k, n * lay.L + e, acc);
     }
@@ -123,14 +238,16 @@ struct MomentsPass {
   using Partial = BnMoments<double>;
   static constexpr bool kSums = true;
   const T* x;
-  __device__ NoChannel channel(int64_t) const { return {}; }
+  __device__ NoChannel channel(int64_t, int64_t, bool) const { return {}; }
   __device__ void element(NoChannel, int64_t i, Acc& acc) const { acc.push(static_cast<A>(x[i])); }
   __device__ static Partial partial(const Acc& a) {
     return Partial{double(a.n), double(a.mean), double(a.m2), double(a.sum)};
   }
 };
 
-// The affine passes: bn_element with flags F and per-channel constants coef[c].
+// The affine passes: bn_element with flags F, the per-channel constants from the finishing step with the
+// previous pass's partials (bn_fwd's moments, or the sums `prev` of pass 1; none: zero sums). A pass that does
+// not sum is its kernel's last and stores the per-channel outputs (after a summing pass, bn_channel_kernel does).
 template <unsigned F, typename T>
 struct AffinePass {
   using A = at::opmath_type<T>;
@@ -138,8 +255,12 @@ struct AffinePass {
   using Partial = BnSums<double>;
   static constexpr bool kSums = (F & kSum) != 0;
   BnPtrs<T> io;
-  const BnChannel<A>* coef;
-  __device__ BnChannel<A> channel(int64_t c) const { return coef[c]; }
+  ChannelIO<A> ch;
+  const BnMoments<double>* moments;
+  const BnSums<double>* prev;
+  __device__ BnChannel<A> channel(int64_t c, int64_t P, bool writer) const {
+    return finish_channel(ch, c, moments, prev, P, writer, !kSums);
+  }
   __device__ void element(const BnChannel<A>& k, int64_t i, Acc& acc) const {
     bn_element<F>(k, io, i, acc.u, acc.ux, acc.g, acc.gx, acc.ug);
   }
@@ -148,96 +269,51 @@ struct AffinePass {
   }
 };
 
-// Channel c's partials merged in a fixed order (one block per channel, threads along y).
-template <typename Partial>
-__device__ Partial merge_parts(const Partial* parts, int64_t P, int64_t c) {
-  Partial acc;
-  for (int64_t k = threadIdx.y; k < P; k += blockDim.y) acc.merge(parts[c * P + k]);
-  return reduce_over_y(acc);
-}
-
-// bn_fwd: mean and biased var per channel (statistics dtype A; bn_mean_var).
-template <typename A>
-__global__ void __launch_bounds__(kThreads) bn_moments_kernel(const BnMoments<double>* parts, int64_t P, A* mean,
-                                                              A* var) {
-  const BnMeanVar<double> m = bn_mean_var(merge_parts(parts, P, blockIdx.x));
-  if (threadIdx.y == 0) mean[blockIdx.x] = A(m.mean), var[blockIdx.x] = A(m.var);
-}
-
-// Per-channel inputs and outputs of a kernel (statistics dtype A, which is also the compute type; nullptr =
-// absent: gamma 1, beta / p / q 0, output not written).
-template <typename A>
-struct ChannelIO {
-  const A *mean, *invstd, *gamma = nullptr, *beta = nullptr, *p = nullptr, *q = nullptr;
-  BnKind kind = BnKind::kFwd;
-  bool training = false, want_z = false;
-  double count = 0;
-  BnChannel<A>* coef = nullptr;
-  A *out0 = nullptr, *out1 = nullptr;
-};
-
-// The per-channel constants of the element loops and the kernel's per-channel outputs, from the sums of
-// `parts` (zero when nullptr), in double as on the CPU (bn_z_coef, bn_kernel_coef), then rounded to A.
+// The finishing step alone, one block per channel: the per-channel outputs from a pass's sums `parts` (eval's
+// single pass), or of an empty batch (no pass runs: zero sums, bn_fwd's statistics).
 template <typename A>
 __global__ void __launch_bounds__(kThreads) bn_channel_kernel(const ChannelIO<A> io, const BnSums<double>* parts,
                                                               int64_t P) {
-  const int64_t c = blockIdx.x;
-  BnSums<double> s;
-  if (parts) s = merge_parts(parts, P, c);
-  if (threadIdx.y != 0) return;
-  auto value = [c](const A* v, double fill) { return v ? double(v[c]) : fill; };
-  const double mean = io.mean[c], r = io.invstd[c], gamma = value(io.gamma, 1.0);
-  BnChannel<A> k;
-  k.mean = A(mean), k.r = A(r);
-  if (io.want_z) {
-    const BnZ<double> z = bn_z_coef(mean, r, gamma, value(io.beta, 0.0));
-    k.z = BnZ<A>{A(z.a), A(z.c)};
-  }
-  const BnKernelCoef<double> kc =
-      bn_kernel_coef(io.kind, s, io.count, gamma, r, value(io.p, 0.0), value(io.q, 0.0), io.training);
-  auto cast = [](const BnAffine<double>& a) { return BnAffine<A>{A(a.cu), A(a.cg), A(a.cx), A(a.c0)}; };
-  k.p = cast(kc.p), k.q = cast(kc.q);
-  io.coef[c] = k;
-  if (io.out0) io.out0[c] = A(kc.out0);
-  if (io.out1) io.out1[c] = A(kc.out1);
+  finish_channel(io, blockIdx.x, static_cast<const BnMoments<double>*>(nullptr), parts, P, threadIdx.y == 0, true);
 }
 
 template <typename A>
-void launch_channel(const ChannelIO<A>& io, const BnLayout& lay, const Tensor& parts) {
-  const dim3 block(1, parts.defined() ? kThreads : 1);
-  FASTJAC_LAUNCH(bn_channel_kernel<A>, unsigned(lay.C), block, io, scratch_ptr<BnSums<double>>(parts), lay.parts());
+void launch_channel(const ChannelIO<A>& io, const BnLayout& lay, const BnSums<double>* parts) {
+  const dim3 block(1, parts ? kThreads : 1);
+  FASTJAC_LAUNCH(bn_channel_kernel<A>, unsigned(lay.C), block, io, parts, lay.parts());
 }
 
 // Runs the affine pass with the runtime `flags`; returns its partial sums (undefined without kSum).
 template <typename T, unsigned... Fs>
-Tensor run_affine(unsigned flags, const BnLayout& lay, const BnPtrs<T>& io_all,
-                  const BnChannel<at::opmath_type<T>>* coef, const Tensor& like,
+Tensor run_affine(unsigned flags, const BnLayout& lay, const BnPtrs<T>& io_all, const ChannelIO<at::opmath_type<T>>& ch,
+                  const BnMoments<double>* moments, const BnSums<double>* prev, const Tensor& like,
                   std::integer_sequence<unsigned, Fs...>) {
   flags = bn_loop_flags(flags);
   const BnPtrs<T> io = bn_loop_io(flags, io_all);
   const Tensor parts = flags & kSum ? scratch<BnSums<double>>(lay.C * lay.parts(), like) : Tensor();
   BnSums<double>* pp = scratch_ptr<BnSums<double>>(parts);
-  const bool compiled = ((flags == Fs && (launch_pass(AffinePass<Fs, T>{io, coef}, lay, pp), true)) || ...);
+  const bool compiled =
+      ((flags == Fs && (launch_pass(AffinePass<Fs, T>{io, ch, moments, prev}, lay, pp), true)) || ...);
   TORCH_CHECK(compiled, "fastjac: no BatchNorm loop compiled for flags ", flags, " (add them to BnAffineFlags)");
   return parts;
 }
 
-// The common shape of the kernels (BnPlan): the per-channel constants, pass 1 and the coefficients from its
-// sums, pass 2 (and the per-channel outputs from its sums when fused).
+// The common shape of the kernels (BnPlan), one launch per pass: pass 1 (its constants from the finishing step
+// without sums), pass 2 (its constants and the per-channel outputs from the finishing step with pass 1's sums,
+// or bn_fwd's statistics from `moments`), and the finishing step alone when eval's single pass summed (its
+// per-channel outputs) or when there are no elements.
 template <typename T>
 void sums_then_affine(const BnPlan& plan, const BnLayout& lay, const BnPtrs<T>& io, ChannelIO<at::opmath_type<T>> ch,
-                      const Tensor& x) {
-  using A = at::opmath_type<T>;
+                      const BnMoments<double>* moments, const Tensor& x) {
   if (lay.C == 0) return;
-  const Tensor coef = scratch<BnChannel<A>>(lay.C, x);
-  ch.coef = scratch_ptr<BnChannel<A>>(coef);
   ch.count = double(lay.M);
   ch.want_z = ch.kind == BnKind::kFwd || ((plan.sum | plan.out) & kZ);
-  launch_channel(ch, lay, Tensor());
-  if (const unsigned first = bn_first_flags(plan); first && lay.numel() > 0)
-    launch_channel(ch, lay, run_affine(first, lay, io, ch.coef, x, BnAffineFlags{}));
-  const Tensor parts = run_affine(bn_second_flags(plan), lay, io, ch.coef, x, BnAffineFlags{});
-  if (parts.defined() && lay.numel() > 0) launch_channel(ch, lay, parts);
+  if (lay.numel() == 0) return launch_channel(ch, lay, nullptr);
+  const unsigned first = bn_first_flags(plan);
+  const Tensor sums = first ? run_affine(first, lay, io, ch, moments, nullptr, x, BnAffineFlags{}) : Tensor();
+  const Tensor parts =
+      run_affine(bn_second_flags(plan), lay, io, ch, moments, scratch_ptr<BnSums<double>>(sums), x, BnAffineFlags{});
+  if (parts.defined()) launch_channel(ch, lay, scratch_ptr<BnSums<double>>(parts));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -285,7 +361,7 @@ void after_forward(BnKind kind, const BnPlan& plan, const Tensor& x, const Tenso
     ch.out0 = ptr<A>(out0), ch.out1 = ptr<A>(out1);
     const BnPtrs<scalar_t> io{ptr<scalar_t>(x), ptr<scalar_t>(g), ptr<scalar_t>(u),
                               ptr<scalar_t>(p_out), ptr<scalar_t>(q_out)};
-    sums_then_affine(plan, lay, io, ch, x);
+    sums_then_affine(plan, lay, io, ch, nullptr, x);
   });
 }
 
@@ -294,8 +370,16 @@ Tensor stat_empty(const Tensor& x) { return at::empty({x.size(1)}, x.options().d
 // ---------------------------------------------------------------------------------------------------------
 // Kernels
 
+// The running statistics as read and written by the finishing step (absent: data nullptr).
+ChannelVector channel_vector(const OptTensor& t) {
+  if (!t.has_value()) return {};
+  return ChannelVector{t->data_ptr(), t->dim() ? t->stride(0) : 1, t->scalar_type()};
+}
+
 // bn_fwd: training batch statistics (biased var) and running-statistics update, or eval running statistics;
 // y = z = gamma xh + beta (as bn_z), or relu(z) when `relu` (the mask is not stored: later kernels recompute it).
+// Training: the moments pass, then the output pass, whose finishing step merges the channel's moments and stores
+// mean, invstd and the running statistics; eval: the output pass alone.
 std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& weight, const OptTensor& bias,
                                           const OptTensor& running_mean, const OptTensor& running_var,
                                           bool training, double momentum, double eps, bool relu) {
@@ -306,31 +390,17 @@ std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& wei
   const BnLayout lay(x);
   const Tensor gamma = channel_param(weight, x, op, "weight"), beta = channel_param(bias, x, op, "bias");
   bn_check_forward(x, lay.M, running_mean, running_var, training, op);
-  Tensor mean, invstd;
-  if (training) {
-    mean = stat_empty(x);
-    const Tensor var = stat_empty(x);
-    const Tensor parts = scratch<BnMoments<double>>(lay.C * lay.parts(), x);
-    if (lay.numel() == 0) {  // an empty batch: bn_mean_var's mean 0 and var 0 (no partials are written)
-      mean.zero_(), var.zero_();
-    } else FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
-      using A = at::opmath_type<scalar_t>;
-      launch_pass(MomentsPass<scalar_t>{x.data_ptr<scalar_t>()}, lay, scratch_ptr<BnMoments<double>>(parts));
-      FASTJAC_LAUNCH(bn_moments_kernel<A>, unsigned(lay.C), dim3(1, kThreads), scratch_ptr<BnMoments<double>>(parts),
-                     lay.parts(), mean.data_ptr<A>(), var.data_ptr<A>());
-    });
-    invstd = bn_train_invstd(var, eps);
-    bn_update_running(running_mean, running_var, mean, var, lay.M, momentum);
-  } else {
-    std::tie(mean, invstd) = bn_eval_stats(x, *running_mean, *running_var, eps);
-  }
-  mean = mean.contiguous(), invstd = invstd.contiguous();
-  const Tensor y = at::empty_like(x);
+  const Tensor mean = stat_empty(x), invstd = stat_empty(x), y = at::empty_like(x);
   FASTJAC_DISPATCH(x.scalar_type(), op, [&] {
     using A = at::opmath_type<scalar_t>;
-    const ChannelIO<A> ch = channel_io<A>(BnKind::kFwd, mean, invstd, gamma, beta, Tensor(), Tensor(), training);
+    ChannelIO<A> ch = channel_io<A>(BnKind::kFwd, Tensor(), Tensor(), gamma, beta, Tensor(), Tensor(), training);
+    ch.fwd = true, ch.eps = eps, ch.momentum = momentum;
+    ch.running_mean = channel_vector(running_mean), ch.running_var = channel_vector(running_var);
+    ch.mean_out = mean.data_ptr<A>(), ch.invstd_out = invstd.data_ptr<A>();
+    const Tensor moments = training ? scratch<BnMoments<double>>(lay.C * lay.parts(), x) : Tensor();
+    if (training) launch_pass(MomentsPass<scalar_t>{x.data_ptr<scalar_t>()}, lay, scratch_ptr<BnMoments<double>>(moments));
     const BnPtrs<scalar_t> io{x.data_ptr<scalar_t>(), nullptr, nullptr, y.data_ptr<scalar_t>(), nullptr};
-    sums_then_affine(bn_fwd_plan(relu), lay, io, ch, x);
+    sums_then_affine(bn_fwd_plan(relu), lay, io, ch, scratch_ptr<BnMoments<double>>(moments), x);
   });
   return {y, mean, invstd};
 }
