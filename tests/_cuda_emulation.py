@@ -1,16 +1,19 @@
-"""The CUDA BatchNorm kernels on the CPU, without a GPU: ``csrc/cuda/batch_norm.cu`` compiled as C++ with the CUDA
-emulation of ``csrc/cuda/emulation.h`` (blocks run one at a time, a block's threads as cooperative fibers, so
-``__syncthreads`` and ``__shared__`` memory behave as on a GPU), built on first use with
+"""The CUDA kernels on the CPU, without a GPU: ``csrc/cuda/{relu,softplus,batch_norm}.cu`` compiled as C++ with the
+CUDA emulation of ``csrc/cuda/emulation.h`` (blocks run one at a time, a block's threads as cooperative fibers, so
+``__syncthreads``, ``__ballot_sync`` and ``__shared__`` memory behave as on a GPU), built on first use with
 ``torch.utils.cpp_extension`` into a folder named by the hash of every source it includes, and loaded as the
-operator library ``torch.ops.fastjac_cuda_emulation`` (the ``fastjac::bn_*`` schemas, plus ``launch_count()``).
+operator library ``torch.ops.fastjac_cuda_emulation`` (the ``fastjac::relu_*``, ``softplus_*`` and ``bn_*``
+schemas, plus ``launch_count()`` and ``set_schedule()``).
 
-What it checks: the CUDA kernels' own indexing, both layouts (rows and columns), the split of a channel across
-blocks, the fixed-order block reductions and per-channel finishing steps, and the launch sequence (how many kernels
-a call launches). What it cannot: timing, memory coalescing, warp intrinsics, the device's own float rounding
-(``fma`` contraction) and anything of the CUDA runtime.
+What it checks: the CUDA kernels' own indexing, the ReLU mask's warp ballot, BatchNorm's layouts (rows and
+columns), the split of a channel across blocks, the fixed-order block reductions and per-channel finishing steps,
+races within a block (the tests also run each block's threads in reverse order), and the launch sequence (how many
+kernels a call launches). What it cannot: timing, memory coalescing, host/device annotations (the forced CUDA build
+checks those), the device's own float rounding (``fma`` contraction, fast intrinsics) and the CUDA runtime.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -20,12 +23,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-WRAPPER = ROOT / "tests" / "cuda_emulation" / "batch_norm.cpp"
+WRAPPERS = [ROOT / "tests" / "cuda_emulation" / f"{op}.cpp" for op in ("batch_norm", "relu", "softplus")]
+EMULATED = ("relu", "softplus", "batch_norm")  # the CUDA kernel files compiled for the emulation (not perturb.cu)
 
 
 def _sources() -> list[Path]:
     csrc = ROOT / "csrc"
-    return sorted([WRAPPER, *(csrc / "cuda").glob("batch_norm.cu"), *(csrc / "cuda").glob("*.cuh"),
+    return sorted([*WRAPPERS, *(csrc / "cuda" / f"{op}.cu" for op in EMULATED), *(csrc / "cuda").glob("*.cuh"),
                    csrc / "cuda" / "emulation.h", *(csrc / "common").glob("*.h")])
 
 
@@ -40,9 +44,9 @@ def ops():
     build = Path(tempfile.gettempdir()) / f"fastjac_cuda_emulation_{torch.__version__}_{digest.hexdigest()[:16]}"
     build.mkdir(parents=True, exist_ok=True)
     # -O1: a quarter of -O3's compile time; the emulation is about behaviour, not speed.
-    load(name="fastjac_cuda_emulation", sources=[str(WRAPPER)], extra_include_paths=[str(ROOT / "csrc")],
-         extra_cflags=["-O1", "-g0"], is_python_module=False, build_directory=str(build),
-         verbose=bool(os.environ.get("FASTJAC_VERBOSE_BUILD")))
+    load(name="fastjac_cuda_emulation", sources=[str(w) for w in WRAPPERS],
+         extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1", "-g0"], is_python_module=False,
+         build_directory=str(build), verbose=bool(os.environ.get("FASTJAC_VERBOSE_BUILD")))
     return torch.ops.fastjac_cuda_emulation
 
 
@@ -51,3 +55,13 @@ def launches(fn) -> int:
     before = ops().launch_count()
     fn()
     return ops().launch_count() - before
+
+
+@contextlib.contextmanager
+def reversed_schedule():
+    """Within the block: each block's threads run in reverse order between barriers."""
+    ops().set_schedule(1)
+    try:
+        yield
+    finally:
+        ops().set_schedule(0)

@@ -59,10 +59,10 @@ def kernel_backends() -> list[KernelBackend]:
 
 
 KERNEL_BACKENDS = kernel_backends()
-# The CUDA BatchNorm kernels run on the CPU by the emulation of tests/_cuda_emulation.py (BatchNorm only; with the
-# reduced parameter lists, as it runs a block's threads one by one).
+# The CUDA ReLU, Softplus and BatchNorm kernels run on the CPU by the emulation of tests/_cuda_emulation.py (with
+# the reduced parameter lists, as it runs a block's threads one by one): tests/test_kernels.py's backends.
 CUDA_EMULATED = KernelBackend("cuda-emulated", "cpu", fast=True)
-BN_BACKENDS = KERNEL_BACKENDS + [CUDA_EMULATED]
+WITH_CUDA_EMULATED = KERNEL_BACKENDS + [CUDA_EMULATED]
 
 
 def per_backend(argnames: str = "", full=((),), fast=None, backends=None):

@@ -1,6 +1,7 @@
-"""The CUDA BatchNorm kernels (csrc/cuda/batch_norm.cu) run on the CPU by the emulation of tests/_cuda_emulation.py:
-what tests/test_kernels.py cannot reach with its small shapes (a channel split across several blocks in both
-layouts, tiles holding several channels), and what each call launches (issue 12 item 3: a training-mode
+"""The CUDA kernels run on the CPU by the emulation of tests/_cuda_emulation.py (tests/test_kernels.py runs them
+against the reference with the other backends): for BatchNorm, what that file cannot reach with its small shapes
+(a channel split across several blocks in both layouts, tiles holding several channels), races within a block
+(threads in reverse order), and what each call launches (issue 12 item 3: a training-mode
 BatchNorm forward + backward + double backward in at most 8 kernels; here 2 per call, with the statistics,
 invstd, running-statistics update and coefficients folded into the passes' finishing steps, and no ATen kernel).
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from _cuda_emulation import launches, ops
+from _cuda_emulation import launches, ops, reversed_schedule
 from _kernel_cases import assert_close, bn_case, check_bn_backward, check_bn_forward, randn
 from fastjac import reference as ref
 
@@ -35,6 +36,21 @@ def test_split_across_blocks(shape, training, relu, dtype):
     case = bn_case(shape, dtype, True, training, relu)
     check_bn_forward(ops(), case, training, relu, dtype)
     check_bn_backward(ops(), case, training, relu, dtype, subsets=[(True, True, True), (True, False, False)])
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 64, 64), (1024, 3, 5), (96, 7, 3, 3)], ids=["rows", "columns", "straddling"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_reversed_schedule(shape, relu):
+    """The same results with each block's threads run in reverse order between barriers: no kernel reads what
+    another thread of its block writes without a barrier between (a race would give different values)."""
+    case = bn_case(shape, torch.float64, True, True, relu)
+    with reversed_schedule():
+        check_bn_forward(ops(), case, True, relu, torch.float64)
+        check_bn_backward(ops(), case, True, relu, torch.float64, subsets=[(True, True, True)])
+        x = randn(4, 1000, dtype=torch.float64, shift=0.1)
+        y, mask = ops().relu_fwd(x)
+        y_ref, mask_ref = ref.relu_fwd(x)
+        assert torch.equal(y, y_ref) and torch.equal(mask, mask_ref)
 
 
 def _args(shape=(8, 4, 6, 7), dtype=torch.float32, training=True, relu=False):

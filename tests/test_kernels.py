@@ -5,20 +5,26 @@ Every kernel of csrc/KERNELS.md is compared with ``fastjac.reference`` (toleranc
 relative to the largest reference value), including packed masks (exact), running-statistics updates, every
 subset of optional inputs and argument errors. The fused BatchNorm+ReLU kernels recompute the ReLU mask from x,
 mean, invstd, weight and bias; ``test_bn_relu_mask_recomputed_exactly`` checks that it is the backend's own
-forward ``y > 0`` bit for bit. The BatchNorm tests also run the CUDA kernels on the CPU through the emulation of
-``tests/_cuda_emulation.py``. Interpreted and emulated backends run reduced parameter lists (float32/float64 and a
-few half cases, small odd shapes). Backend-specific checks: tests/test_kernels_cpu.py, tests/test_kernels_triton.py.
+forward ``y > 0`` bit for bit. Every test also runs the CUDA kernels on the CPU through the emulation of
+``tests/_cuda_emulation.py`` (``cuda-emulated@cpu``). Interpreted and emulated backends run reduced parameter
+lists (float32/float64 and a few half cases, small odd shapes). Backend-specific checks: tests/test_kernels_cpu.py, tests/test_kernels_triton.py.
 """
 import itertools
 
 import pytest
 import torch
 
-from _kernel_cases import (BN_BACKENDS, FLOATS, HALFS, KERNEL_BACKENDS, assert_close, bn_case, check_bn_backward,
-                           check_bn_forward, per_backend, randn, stat_dtype)
+from _kernel_cases import (FLOATS, HALFS, KERNEL_BACKENDS, WITH_CUDA_EMULATED, assert_close, bn_case,
+                           check_bn_backward, check_bn_forward, randn, stat_dtype)
+from _kernel_cases import per_backend as per_backend_of
 from fastjac import reference as ref
 
 pytestmark = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no compiled or Triton kernel backend here")
+
+
+def per_backend(*args, **kwargs):
+    """_kernel_cases.per_backend over every backend here and the CUDA kernels under the CPU emulation."""
+    return per_backend_of(*args, backends=WITH_CUDA_EMULATED, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +161,7 @@ BN_FAST = ([((3, 5, 7, 11), d, *m) for d in FLOATS for m in MODES]
               for t, r in [(True, True), (False, False)]])
 
 
-@per_backend("shape,dtype,training,affine,relu", BN_FULL, BN_FAST, backends=BN_BACKENDS)
+@per_backend("shape,dtype,training,affine,relu", BN_FULL, BN_FAST)
 def test_bn(kb, shape, dtype, training, affine, relu):
     case = bn_case(shape, dtype, affine, training, relu, kb.device)
     check_bn_forward(kb.ops, case, training, relu, dtype)
@@ -168,7 +174,7 @@ BN_HALF_FULL = [(s, d, *m) for s in [(3, 5, 7, 11), (16, 4), (2, 3, 20, 20)] for
 BN_HALF_FAST = [((3, 5, 7, 11), d, *m) for d in HALFS for m in HALF_MODES]
 
 
-@per_backend("shape,dtype,training,relu", BN_HALF_FULL, BN_HALF_FAST, backends=BN_BACKENDS)
+@per_backend("shape,dtype,training,relu", BN_HALF_FULL, BN_HALF_FAST)
 def test_bn_half(kb, shape, dtype, training, relu):
     case = bn_case(shape, dtype, True, training, relu, kb.device)
     y, mean, invstd = kb.ops.bn_fwd(case["x"], case["w"], case["b"], case["rm"].clone(), case["rv"].clone(),
@@ -178,8 +184,7 @@ def test_bn_half(kb, shape, dtype, training, relu):
     check_bn_backward(kb.ops, case, training, relu, dtype, subsets=FAST_SUBSETS if kb.fast else None)
 
 
-@per_backend("dtype,training,relu", [(d, *m) for d in FLOATS for m in [(True, False), (True, True), (False, True)]],
-             backends=BN_BACKENDS)
+@per_backend("dtype,training,relu", [(d, *m) for d in FLOATS for m in [(True, False), (True, True), (False, True)]])
 def test_bn_constant_channel(kb, dtype, training, relu):
     case = bn_case((4, 3, 5, 6), dtype, True, training, relu, kb.device, constant_channel=True)
     check_bn_forward(kb.ops, case, training, relu, dtype)
@@ -189,7 +194,7 @@ def test_bn_constant_channel(kb, dtype, training, relu):
         assert mean[1].item() == 1.25 and invstd[1].item() == pytest.approx(1e-5 ** -0.5, rel=1e-6)
 
 
-@per_backend("training", [True, False], backends=BN_BACKENDS)
+@per_backend("training", [True, False])
 def test_bn_without_running_stats(kb, training):
     x = randn(4, 3, 5, dtype=torch.float64, device=kb.device)
     if training:
@@ -200,7 +205,7 @@ def test_bn_without_running_stats(kb, training):
             kb.ops.bn_fwd(x, None, None, None, None, False, 0.1, 1e-5, False)
 
 
-@per_backend("training", [True, False], backends=BN_BACKENDS)
+@per_backend("training", [True, False])
 def test_bn_noncontiguous(kb, training):
     dtype, C, dev = torch.float64, 3, kb.device
     x = randn(5, 4, C, 6, dtype=dtype, device=dev).permute(1, 2, 0, 3)  # 4 x 3 x 5 x 6, not contiguous
@@ -224,7 +229,7 @@ def test_bn_noncontiguous(kb, training):
     assert_close(kb.ops.bn_jvp(u, w, b, *args), ref.bn_jvp(u, w, b, *args), dtype, "bn_jvp")
 
 
-@per_backend("shape", [(1, 3), (1, 3, 1, 1), (1, 2, 1)], backends=BN_BACKENDS)
+@per_backend("shape", [(1, 3), (1, 3, 1, 1), (1, 2, 1)])
 def test_bn_single_value_per_channel(kb, shape):
     x, C = torch.randn(*shape, device=kb.device), shape[1]
     rm, rv = torch.zeros(C, device=kb.device), torch.ones(C, device=kb.device)
@@ -235,7 +240,7 @@ def test_bn_single_value_per_channel(kb, shape):
                  ref.bn_fwd(x, None, None, rm, rv, False, 0.1, 1e-5, False), torch.float32)
 
 
-@per_backend(backends=BN_BACKENDS)
+@per_backend()
 def test_bn_empty_batch_eval(kb):
     dev = kb.device
     x = torch.randn(0, 3, 4, device=dev)
@@ -247,7 +252,7 @@ def test_bn_empty_batch_eval(kb):
     assert gx.shape == x.shape and torch.equal(gw, zeros) and torch.equal(gb, zeros)
 
 
-@per_backend(backends=BN_BACKENDS)
+@per_backend()
 def test_bn_argument_checks(kb):
     ops, dev = kb.ops, kb.device
     x = torch.randn(4, 3, 5, device=dev)
@@ -273,7 +278,7 @@ MASK_FULL = [(s, d, *m) for s in MASK_SHAPES for d in FLOATS + HALFS for m in MA
 MASK_FAST = [((3, 5, 7, 11), d, *m) for d in FLOATS + HALFS for m in MASK_MODES]
 
 
-@per_backend("shape,dtype,training,affine", MASK_FULL, MASK_FAST, backends=BN_BACKENDS)
+@per_backend("shape,dtype,training,affine", MASK_FULL, MASK_FAST)
 def test_bn_relu_mask_recomputed_exactly(kb, shape, dtype, training, affine):
     """Every kernel after bn_fwd recomputes the fused ReLU's mask from x with the forward's own z: bn_bwd with
     g = 1 gives gb = the count of y > 0 per channel, and bn_jvp with tb = 1 gives the mask itself, bit for bit

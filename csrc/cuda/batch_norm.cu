@@ -398,7 +398,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_fwd(const Tensor& x_, const OptTensor& wei
     ch.running_mean = channel_vector(running_mean), ch.running_var = channel_vector(running_var);
     ch.mean_out = mean.data_ptr<A>(), ch.invstd_out = invstd.data_ptr<A>();
     const Tensor moments = training ? scratch<BnMoments<double>>(lay.C * lay.parts(), x) : Tensor();
-    if (training) launch_pass(MomentsPass<scalar_t>{x.data_ptr<scalar_t>()}, lay, scratch_ptr<BnMoments<double>>(moments));
+    if (training)
+      launch_pass(MomentsPass<scalar_t>{x.data_ptr<scalar_t>()}, lay, scratch_ptr<BnMoments<double>>(moments));
     const BnPtrs<scalar_t> io{x.data_ptr<scalar_t>(), nullptr, nullptr, y.data_ptr<scalar_t>(), nullptr};
     sums_then_affine(bn_fwd_plan(relu), lay, io, ch, scratch_ptr<BnMoments<double>>(moments), x);
   });

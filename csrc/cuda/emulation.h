@@ -1,16 +1,19 @@
-// A CPU emulation of the part of CUDA that the BatchNorm kernels (batch_norm.cu) use: grid and block indices,
-// __syncthreads, __shared__ memory and kernel launches. With FASTJAC_CUDA_EMULATION defined, launch.cuh takes its
-// launch macro and device guard from here instead of the CUDA runtime, and batch_norm.cu compiles as plain C++
-// (tests/cuda_emulation/batch_norm.cpp), so that the tests run the CUDA kernels' own indexing, layouts, block
-// reductions, per-channel finishing steps and launch sequence on CPU tensors without a GPU
-// (tests/test_cuda_emulation.py). Never part of the built package.
+// A CPU emulation of the part of CUDA that the ReLU, Softplus and BatchNorm kernels (relu.cu, softplus.cu,
+// batch_norm.cu) use: grid and block indices, __syncthreads, __ballot_sync, __shared__ memory and kernel launches.
+// With FASTJAC_CUDA_EMULATION defined, launch.cuh takes its launch macro and device guard from here instead of the
+// CUDA runtime and those files compile as plain C++ (tests/cuda_emulation/), so that the tests run the CUDA kernels'
+// own indexing, layouts, block reductions, per-channel finishing steps and launch sequence on CPU tensors without
+// a GPU (tests/_cuda_emulation.py). Never part of the built package.
 //
 // Schedule: the blocks of a launch run one after another on the launching thread; a block's threads are
-// cooperative fibers (ucontext), each run in threadIdx order until it calls __syncthreads() or returns. A barrier
-// opens when every thread of the block that has not returned has arrived (exited threads do not hold a barrier,
-// as on Volta and later). That is one of the schedules a GPU may run, chosen deterministically; __shared__
-// variables are function-local statics, private to the one block that runs at a time. Warp intrinsics are not
-// emulated (batch_norm.cu uses none).
+// cooperative fibers (ucontext), each run until it calls __syncthreads() or returns, in threadIdx order or, with
+// set_schedule(kReverse), in reverse order (a kernel whose result depends on the order within a barrier interval
+// has a race; the tests run both). A barrier opens when every thread of the block that has not returned has
+// arrived (exited threads do not hold a barrier, as on Volta and later). These are schedules a GPU may run, chosen
+// deterministically; __shared__ variables are function-local statics, private to the one block that runs at a
+// time. Of the warp intrinsics only __ballot_sync is emulated (relu.cu's mask), for kernels that call it with every
+// live thread of the block (whole warps with equal trip counts, as launch_elementwise guarantees).
+// The arithmetic is the host side of csrc/common/ (no device intrinsics, no fma contraction of device code).
 #pragma once
 
 #include <c10/core/Device.h>
@@ -52,9 +55,12 @@ struct Block {
   ucontext_t scheduler;
   std::vector<ucontext_t> contexts;
   std::vector<uint3> index;
-  std::vector<bool> done;
-  size_t current = 0;
+  std::vector<bool> done, vote;
+  size_t current = 0;  // the running thread's linear index (x fastest, so warp w holds 32 w .. 32 w + 31)
 };
+
+enum Schedule : int64_t { kInOrder = 0, kReverse = 1 };
+inline Schedule schedule = kInOrder;
 inline Block* running = nullptr;
 inline std::vector<std::unique_ptr<char[]>> stacks;  // one per thread of a block, kept for the next blocks
 
@@ -71,6 +77,19 @@ inline void __syncthreads() {
   swapcontext(&b.contexts[b.current], &b.scheduler);
 }
 
+// The 32 predicates of the calling thread's warp as bits (lane l: bit l).
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  using namespace fastjac::cuda::emulation;
+  running->vote[running->current] = predicate != 0;
+  __syncthreads();  // every live thread has voted
+  const size_t warp = running->current / 32 * 32;
+  unsigned bits = 0;
+  for (size_t lane = 0; lane < 32 && warp + lane < running->vote.size(); ++lane)
+    bits |= unsigned(running->vote[warp + lane]) << lane;
+  __syncthreads();  // every thread has read its warp's votes before the next ballot overwrites them
+  return bits;
+}
+
 namespace fastjac::cuda::emulation {
 
 template <typename F>
@@ -85,7 +104,7 @@ template <typename F>
 void run_block(const F& f, const uint3& block_index, const dim3& block) {
   const size_t n = size_t(block.x) * block.y * block.z;
   Block b;
-  b.contexts.resize(n), b.index.resize(n), b.done.assign(n, false);
+  b.contexts.resize(n), b.index.resize(n), b.done.assign(n, false), b.vote.assign(n, false);
   while (stacks.size() < n) stacks.emplace_back(new char[kStackBytes]);
   const uintptr_t fp = reinterpret_cast<uintptr_t>(&f);
   for (size_t t = 0; t < n; ++t) {
@@ -102,7 +121,8 @@ void run_block(const F& f, const uint3& block_index, const dim3& block) {
   blockIdx = block_index;
   for (;;) {  // one round: every live thread runs to its next barrier or its end
     bool any_live = false;
-    for (size_t t = 0; t < n; ++t) {
+    for (size_t i = 0; i < n; ++i) {
+      const size_t t = schedule == kReverse ? n - 1 - i : i;
       if (b.done[t]) continue;
       any_live = true;
       b.current = t, threadIdx = b.index[t];

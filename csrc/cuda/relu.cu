@@ -46,7 +46,7 @@ struct ReluBwd {
 std::tuple<Tensor, Tensor> relu_fwd(const Tensor& x_) {
   constexpr const char* op = "fastjac::relu_fwd";
   check_float(x_, x_.device(), op, "x");
-  const c10::cuda::CUDAGuard guard(x_.device());
+  const DeviceGuard guard(x_.device());
   const Tensor x = x_.contiguous(), y = at::empty_like(x);
   const int64_t n = x.numel();
   const Tensor mask = at::empty({mask_bytes(n)}, x.options().dtype(at::kByte));
@@ -63,7 +63,7 @@ Tensor relu_bwd(const Tensor& grad, const Tensor& mask_) {
   constexpr const char* op = "fastjac::relu_bwd";
   check_float(grad, grad.device(), op, "grad");
   check_mask(mask_, grad.numel(), grad.device(), op);
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const DeviceGuard guard(grad.device());
   const Tensor g = grad.contiguous(), mask = mask_.contiguous(), out = at::empty_like(g);
   FASTJAC_DISPATCH(g.scalar_type(), op, [&] {
     launch_elementwise(g.numel(), ReluBwd<scalar_t>{g.data_ptr<scalar_t>(), mask.data_ptr<uint8_t>(),
@@ -74,9 +74,11 @@ Tensor relu_bwd(const Tensor& grad, const Tensor& mask_) {
 
 }  // namespace
 
+#if !defined(FASTJAC_CUDA_EMULATION)  // the emulation registers them itself (tests/cuda_emulation/)
 TORCH_LIBRARY_IMPL(fastjac, CUDA, m) {
   m.impl("relu_fwd", &relu_fwd);
   m.impl("relu_bwd", &relu_bwd);
 }
+#endif
 
 }  // namespace fastjac::cuda
