@@ -89,6 +89,17 @@ def test_launches_per_call(shape, training, relu):
     assert {k: launches(f) for k, f in calls.items()} == LAUNCHES[training]
 
 
+def test_pointwise_kernels_launch_once():
+    """ReLU and Softplus: one kernel per call, so a forward + backward + double backward chain launches 3 at most
+    (ReLU's double backward is relu_bwd again; issue 12's target: at most 3)."""
+    x, g = randn(4, 1000, dtype=torch.float32), randn(4, 1000, dtype=torch.float32)
+    o = ops()
+    _, mask = o.relu_fwd(x)
+    for f in (lambda: o.relu_fwd(x), lambda: o.relu_bwd(g, mask), lambda: o.softplus_fwd(x, 1.0, 20.0),
+              lambda: o.softplus_bwd(g, x, 1.0, 20.0), lambda: o.softplus_dbwd(g, g, x, 1.0, 20.0)):
+        assert launches(f) == 1
+
+
 def test_training_chain_in_six_launches():
     calls = _calls(_args())
     assert sum(launches(calls[k]) for k in ("bn_fwd", "bn_bwd", "bn_dbwd")) == 6
