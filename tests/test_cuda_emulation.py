@@ -133,16 +133,17 @@ def test_running_statistics_updated_exactly_once():
         assert_close(rv, rv_ref, torch.float64, "running_var")
 
 
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("stat", [torch.float16, torch.bfloat16, torch.float64])
-def test_running_statistics_of_another_dtype(stat):
-    """Running statistics whose dtype is not the statistics dtype (a half module's) are read and written in
-    their own dtype, as on the CPU backend."""
+def test_running_statistics_of_another_dtype(stat, training):
+    """Running statistics whose dtype is not the statistics dtype (a half module's) are read (eval) and written
+    (training) in their own dtype, as on the CPU backend (strided ones: test_kernels.py's test_bn_noncontiguous)."""
     x = randn(6, 3, 5, 7, dtype=torch.float32)
-    rm, rv = torch.zeros(3, dtype=stat) + 0.5, torch.ones(3, dtype=stat)
+    rm, rv = torch.full((3,), 0.5, dtype=stat), torch.full((3,), 1.5, dtype=stat)
     out = {}
     for name, o in [("emulated", ops()), ("cpu", torch.ops.fastjac)]:
         m, v = rm.clone(), rv.clone()
-        y, mean, invstd = o.bn_fwd(x, None, None, m, v, True, 0.1, 1e-5, False)
+        y, mean, invstd = o.bn_fwd(x, None, None, m, v, training, 0.1, 1e-5, False)
         out[name] = (y, mean, invstd, m, v)
         assert m.dtype == stat and v.dtype == stat
     for a, b in zip(out["emulated"], out["cpu"]):  # float32 data, summed in another order: float32's tolerance
