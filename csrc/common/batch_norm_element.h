@@ -21,7 +21,11 @@ namespace fastjac {
 // q = cu u + cg g~ + cx xh + c0. With kSum, every sum of BnSums whose operands are read is accumulated. With
 // kQNoXh, q omits its cx xh term although xh is read (by the sums or p): eval mode's gx of bn_bwd (gamma r g~) and
 // bn_dbwd (p r g~) do not depend on x, and 0 * xh would make them NaN at a non-finite x, where PyTorch's are finite.
-enum BnFlag : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128, kQNoXh = 256 };
+// kGMasked (CPU loops only, never in a plan): g holds g~ already, the mask applied by the loop before the element
+// (csrc/cpu/batch_norm.cpp, masked_grad).
+enum BnFlag : unsigned {
+  kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128, kQNoXh = 256, kGMasked = 512
+};
 
 // Per-channel constants of one loop, in the compute type A.
 template <typename A>
@@ -67,7 +71,7 @@ FASTJAC_HOST_DEVICE FASTJAC_INLINE void bn_element(const BnChannel<A>& k, const 
     // which gcc kept the row loops' sums in memory, stored and reloaded every iteration (a store-forwarding chain:
     // BN+ReLU's bn_bwd took 1.7x BN's on AVX-512, benchmarks/RESULTS.md).
     const A graw = static_cast<A>(a.g[j]);
-    gj = !Z ? graw : kSelect ? (on ? graw : A(0)) : graw * m;
+    gj = !Z || (F & kGMasked) ? graw : kSelect ? (on ? graw : A(0)) : graw * m;
   }
   if constexpr (Sum && U) su += uj;
   if constexpr (Sum && U && X) sux += uj * xh;
