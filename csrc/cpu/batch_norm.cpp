@@ -124,7 +124,7 @@ struct AffinePass {
     }
     void run(const BnRun<T, A>& run) {
       if (S >= kBroadcastMin) {
-        alignas(64) A gt[kPremask ? kSegment : 1];  // S <= kSegment in column mode
+        alignas(64) A gt[kPremask ? kSegment : 1];  // column mode: S < kRowMin (256) < kSegment (512)
         for (int64_t c = 0; c < nc; ++c) {
           const ChannelCoef<A> kc = pass.k[c0 + c];
           const BnPtrs<T> a = premasked(kc, ptrs(BnRun<T, A>{run.io, run.i + c * S, S}), S, gt);
