@@ -1,9 +1,9 @@
-"""The CUDA kernels on the CPU, without a GPU: ``csrc/cuda/{relu,softplus,batch_norm}.cu`` compiled as C++ with the
+"""The CUDA kernels on the CPU, without a GPU: ``csrc/cuda/{relu,softplus,batch_norm,perturb}.cu`` compiled as C++ with the
 CUDA emulation of ``csrc/cuda/emulation.h`` (blocks run one at a time, a block's threads as cooperative fibers, so
 ``__syncthreads``, ``__ballot_sync`` and ``__shared__`` memory behave as on a GPU), built on first use with
 ``torch.utils.cpp_extension`` into a folder named by the hash of every source it includes, and loaded as the
-operator library ``torch.ops.fastjac_cuda_emulation`` (the ``fastjac::relu_*``, ``softplus_*`` and ``bn_*``
-schemas, plus ``launch_count()`` and ``set_schedule()``).
+operator library ``torch.ops.fastjac_cuda_emulation`` (the ``fastjac::relu_*``, ``softplus_*``, ``bn_*``,
+``philox_words``, ``perturb_fwd`` and ``noise_row_dot`` schemas, plus ``launch_count()`` and ``set_schedule()``).
 
 What it checks: the CUDA kernels' own indexing, the ReLU mask's warp ballot, BatchNorm's layouts (rows and
 columns), the split of a channel across blocks, the fixed-order block reductions and per-channel finishing steps,
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-WRAPPERS = [ROOT / "tests" / "cuda_emulation" / f"{op}.cpp" for op in ("batch_norm", "relu", "softplus")]
-EMULATED = ("relu", "softplus", "batch_norm")  # the CUDA kernel files compiled for the emulation (not perturb.cu)
+EMULATED = ("relu", "softplus", "batch_norm", "perturb")  # every CUDA kernel file, compiled for the emulation
+WRAPPERS = [ROOT / "tests" / "cuda_emulation" / f"{op}.cpp" for op in EMULATED]
 
 
 def _sources() -> list[Path]:

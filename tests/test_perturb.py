@@ -225,24 +225,38 @@ def _cuda_kernels_built():
     )
 
 
+def _check_cuda_kernels(k, device, seed, offset, numel, distribution, dtype):
+    """The CUDA kernels of the op table ``k`` on ``device`` against the reference."""
+    like = torch.empty(numel, device=device)
+    assert torch.equal(k.philox_words(like, seed, offset).cpu(), ref.philox_words(like.cpu(), seed, offset))
+    rows = 7 if numel % 7 == 0 else 1
+    x = torch.randn(rows, numel // rows, dtype=torch.float64).to(dtype)
+    sigma = torch.linspace(0.5, 2.0, rows, dtype=torch.float64)
+    got = k.perturb_fwd(x.to(device), sigma.to(device), seed, offset, distribution).cpu()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, ref.perturb_fwd(x, sigma, seed, offset, distribution), rtol=8 * eps, atol=64 * eps)
+    got = k.noise_row_dot(x.to(device), seed, offset, distribution).cpu()
+    want = ref.noise_row_dot(x, seed, offset, distribution)
+    eps = torch.finfo(want.dtype).eps
+    torch.testing.assert_close(got, want, rtol=0, atol=64 * eps * math.sqrt(x[0].numel()) * 6)
+
+
 @pytest.mark.skipif(not _cuda_kernels_built(), reason="needs a GPU and the CUDA perturbation kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("distribution", [0, 1], ids=["gaussian", "rademacher"])
 @pytest.mark.parametrize("seed,offset,numel", STREAMS)
 def test_cuda_kernels_match_reference(seed, offset, numel, distribution, dtype):
-    k = torch.ops.fastjac
-    like = torch.empty(numel, device="cuda")
-    assert torch.equal(k.philox_words(like, seed, offset).cpu(), ref.philox_words(like.cpu(), seed, offset))
-    rows = 7 if numel % 7 == 0 else 1
-    x = torch.randn(rows, numel // rows, dtype=torch.float64).to(dtype)
-    sigma = torch.linspace(0.5, 2.0, rows, dtype=torch.float64)
-    got = k.perturb_fwd(x.cuda(), sigma.cuda(), seed, offset, distribution).cpu()
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(got, ref.perturb_fwd(x, sigma, seed, offset, distribution), rtol=8 * eps, atol=64 * eps)
-    got = k.noise_row_dot(x.cuda(), seed, offset, distribution).cpu()
-    want = ref.noise_row_dot(x, seed, offset, distribution)
-    eps = torch.finfo(want.dtype).eps
-    torch.testing.assert_close(got, want, rtol=0, atol=64 * eps * math.sqrt(x[0].numel()) * 6)
+    _check_cuda_kernels(torch.ops.fastjac, "cuda", seed, offset, numel, distribution, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("distribution", [0, 1], ids=["gaussian", "rademacher"])
+@pytest.mark.parametrize("seed,offset,numel", STREAMS)
+def test_cuda_kernels_emulated_match_reference(seed, offset, numel, distribution, dtype):
+    """The same CUDA kernels run on the CPU by the emulation of tests/_cuda_emulation.py."""
+    from _cuda_emulation import ops
+
+    _check_cuda_kernels(ops(), "cpu", seed, offset, numel, distribution, dtype)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -1,5 +1,5 @@
-// A CPU emulation of the part of CUDA that the ReLU, Softplus and BatchNorm kernels (relu.cu, softplus.cu,
-// batch_norm.cu) use: grid and block indices, __syncthreads, __ballot_sync, __shared__ memory and kernel launches.
+// A CPU emulation of the part of CUDA that the kernels of this folder (relu.cu, softplus.cu, batch_norm.cu,
+// perturb.cu) use: grid and block indices, __syncthreads, __ballot_sync, __shared__ memory and kernel launches.
 // With FASTJAC_CUDA_EMULATION defined, launch.cuh takes its launch macro and device guard from here instead of the
 // CUDA runtime and those files compile as plain C++ (tests/cuda_emulation/), so that the tests run the CUDA kernels'
 // own indexing, layouts, block reductions, per-channel finishing steps and launch sequence on CPU tensors without

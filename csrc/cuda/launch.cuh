@@ -14,14 +14,16 @@
 
 #include "../common/aten_utils.h"
 
-// FASTJAC_LAUNCH(kernel, grid, block, args...): kernel<<<grid, block>>>(args...) on the current stream, checked;
-// DeviceGuard: the device guard of a kernel call. With FASTJAC_CUDA_EMULATION (tests only), both come from
+// FASTJAC_LAUNCH(kernel, grid, block, args...): kernel<<<grid, block>>>(args...) on the current stream, checked
+// (a kernel template with several arguments goes through a constexpr function pointer, as the macro splits at
+// commas); DeviceGuard: the device guard of a kernel call; on_kernel_device(t): t is on the kernels' device. With FASTJAC_CUDA_EMULATION (tests only), both come from
 // emulation.h and the kernels run on CPU tensors.
 #if defined(FASTJAC_CUDA_EMULATION)
 #include "emulation.h"
 #define FASTJAC_LAUNCH(kernel, grid, block, ...) ::fastjac::cuda::emulation::launch(grid, block, kernel, __VA_ARGS__)
 namespace fastjac::cuda {
 using emulation::DeviceGuard;
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }  // the emulation's tensors
 }
 #else
 #include <c10/cuda/CUDAException.h>
@@ -34,6 +36,7 @@ using emulation::DeviceGuard;
   } while (0)
 namespace fastjac::cuda {
 using DeviceGuard = c10::cuda::CUDAGuard;
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }  // a tensor these kernels serve
 }
 #endif
 

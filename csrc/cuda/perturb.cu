@@ -1,29 +1,26 @@
 // CUDA perturbation kernels (csrc/KERNELS.md, "Perturbations"), the same stream as csrc/cpu/perturb.cpp through
 // csrc/common/philox.h: one thread per Philox block of four stream elements, noise generated where it is used.
-// Self-contained (only c10/cuda headers, no ATen/cuda/CUDAContext.h). Element i of a tensor uses stream element
-// e = offset + i; "rows" are the slices along dim 0 (one row for a 0-dim tensor), D = numel / rows each.
+// Launched through launch.cuh (FASTJAC_LAUNCH, DeviceGuard), so that the CPU emulation of emulation.h runs them
+// too (tests/_cuda_emulation.py). Element i of a tensor uses stream element e = offset + i; "rows" are the slices
+// along dim 0 (one row for a 0-dim tensor), D = numel / rows each.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "../common/philox.h"
+#include "launch.cuh"
 
 namespace fastjac::cuda_perturb {
 namespace {
 
 using at::Tensor;
+using cuda::ceil_div;
+using cuda::DeviceGuard;
+using cuda::kThreads;
 
-constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 16;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Philox blocks [first, last] covering stream elements [offset, offset + n).
 struct BlockRange {
@@ -101,7 +98,7 @@ __global__ void noise_row_dot_kernel(const T* __restrict__ g, Out* __restrict__ 
 }
 
 void check_cuda_float(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", t.device());
+  TORCH_CHECK(cuda::on_kernel_device(t), op, ": expected ", name, " on a CUDA device, got ", t.device());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected ", name,
               " to be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
@@ -116,16 +113,15 @@ int64_t rows_of(const Tensor& t) { return t.dim() == 0 ? 1 : t.size(0); }
 
 Tensor philox_words(const Tensor& like, int64_t seed, int64_t offset) {
   constexpr const char* op = "fastjac::philox_words";
-  TORCH_CHECK(like.is_cuda(), op, ": expected like on a CUDA device, got ", like.device());
+  TORCH_CHECK(cuda::on_kernel_device(like), op, ": expected like on a CUDA device, got ", like.device());
   check_stream(offset, kGaussian, op);
-  const c10::cuda::CUDAGuard guard(like.device());
+  const DeviceGuard guard(like.device());
   Tensor out = at::empty(like.sizes(), like.options().dtype(at::kLong));
   const int64_t n = out.numel();
   const BlockRange r(offset, n);
   if (r.count == 0) return out;
-  philox_words_kernel<<<grid_for(r.count), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      out.data_ptr<int64_t>(), n, uint64_t(seed), offset, r.first, r.count);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FASTJAC_LAUNCH(philox_words_kernel, grid_for(r.count), kThreads, out.data_ptr<int64_t>(), n, uint64_t(seed),
+                 offset, r.first, r.count);
   return out;
 }
 
@@ -138,17 +134,16 @@ Tensor perturb_fwd(const Tensor& x_, const Tensor& sigma_, int64_t seed, int64_t
   const int64_t rows = rows_of(x_);
   TORCH_CHECK(sigma_.dim() == 0 || (sigma_.dim() == 1 && sigma_.size(0) == rows), op,
               ": expected sigma of shape () or (", rows, ",), got ", sigma_.sizes());
-  const c10::cuda::CUDAGuard guard(x_.device());
+  const DeviceGuard guard(x_.device());
   const Tensor x = x_.contiguous(), y = at::empty(x.sizes(), x.options());
   const Tensor sigma = sigma_.to(at::kDouble).contiguous();
   const int64_t n = x.numel(), D = rows > 0 ? n / rows : 0;
   const BlockRange r(offset, n);
   if (r.count == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    perturb_kernel<scalar_t><<<grid_for(r.count), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), sigma.data_ptr<double>(), sigma.dim() == 1, D, n,
-        uint64_t(seed), offset, distribution, r.first, r.count);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTJAC_LAUNCH(perturb_kernel<scalar_t>, grid_for(r.count), kThreads, x.data_ptr<scalar_t>(),
+                   y.data_ptr<scalar_t>(), sigma.data_ptr<double>(), sigma.dim() == 1, D, n, uint64_t(seed), offset,
+                   distribution, r.first, r.count);
   });
   return y;
 }
@@ -157,7 +152,7 @@ Tensor noise_row_dot(const Tensor& g_, int64_t seed, int64_t offset, int64_t dis
   constexpr const char* op = "fastjac::noise_row_dot";
   check_cuda_float(g_, op, "g");
   check_stream(offset, distribution, op);
-  const c10::cuda::CUDAGuard guard(g_.device());
+  const DeviceGuard guard(g_.device());
   const Tensor g = g_.contiguous();
   const int64_t rows = rows_of(g), D = rows > 0 ? g.numel() / rows : 0;
   const bool dbl = g.scalar_type() == at::kDouble;
@@ -165,25 +160,27 @@ Tensor noise_row_dot(const Tensor& g_, int64_t seed, int64_t offset, int64_t dis
   if (rows == 0) return out;
   TORCH_CHECK(rows <= int64_t(0x7FFFFFFF), op, ": too many rows (", rows, ") for one CUDA block per row");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), op, [&] {
-    const auto stream = c10::cuda::getCurrentCUDAStream();
     if (dbl) {
-      noise_row_dot_kernel<scalar_t, double><<<unsigned(rows), kThreads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), out.data_ptr<double>(), D, uint64_t(seed), offset, distribution);
+      constexpr auto kernel = noise_row_dot_kernel<scalar_t, double>;
+      FASTJAC_LAUNCH(kernel, unsigned(rows), kThreads, g.data_ptr<scalar_t>(), out.data_ptr<double>(), D,
+                     uint64_t(seed), offset, distribution);
     } else {
-      noise_row_dot_kernel<scalar_t, float><<<unsigned(rows), kThreads, 0, stream>>>(
-          g.data_ptr<scalar_t>(), out.data_ptr<float>(), D, uint64_t(seed), offset, distribution);
+      constexpr auto kernel = noise_row_dot_kernel<scalar_t, float>;
+      FASTJAC_LAUNCH(kernel, unsigned(rows), kThreads, g.data_ptr<scalar_t>(), out.data_ptr<float>(), D,
+                     uint64_t(seed), offset, distribution);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 }  // namespace
 
+#if !defined(FASTJAC_CUDA_EMULATION)  // the emulation registers them itself (tests/cuda_emulation/)
 TORCH_LIBRARY_IMPL(fastjac, CUDA, m) {
   m.impl("philox_words", &philox_words);
   m.impl("perturb_fwd", &perturb_fwd);
   m.impl("noise_row_dot", &noise_row_dot);
 }
+#endif
 
 }  // namespace fastjac::cuda_perturb
