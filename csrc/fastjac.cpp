@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "kernel_schemas.h"
+
 namespace fastjac::autograd {
 void bind_entries(pybind11::module& m);  // csrc/autograd/entries.cpp
 }
@@ -11,23 +13,15 @@ void bind_output_pool(pybind11::module& m);  // csrc/cpu/output_pool.cpp
 }
 
 TORCH_LIBRARY(fastjac, m) {
-  m.def("relu_fwd(Tensor x) -> (Tensor, Tensor)");
-  m.def("relu_bwd(Tensor grad, Tensor mask) -> Tensor");
-  m.def("softplus_fwd(Tensor x, float beta, float threshold) -> Tensor");
-  m.def("softplus_bwd(Tensor grad, Tensor x, float beta, float threshold) -> Tensor");
-  m.def("softplus_dbwd(Tensor ggrad, Tensor grad, Tensor x, float beta, float threshold) -> (Tensor, Tensor)");
-  m.def(
-      "bn_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-      "bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "bn_bwd(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, bool training, "
-      "bool relu) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "bn_dbwd(Tensor? ggx, Tensor? ggw, Tensor? ggb, Tensor grad, Tensor x, Tensor mean, Tensor invstd, "
-      "Tensor? weight, Tensor? bias, bool training, bool relu) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "bn_jvp(Tensor? tx, Tensor? tw, Tensor? tb, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, "
-      "Tensor? bias, bool training, bool relu) -> Tensor");
+  m.def(fastjac::schema::kReluFwd);
+  m.def(fastjac::schema::kReluBwd);
+  m.def(fastjac::schema::kSoftplusFwd);
+  m.def(fastjac::schema::kSoftplusBwd);
+  m.def(fastjac::schema::kSoftplusDbwd);
+  m.def(fastjac::schema::kBnFwd);
+  m.def(fastjac::schema::kBnBwd);
+  m.def(fastjac::schema::kBnDbwd);
+  m.def(fastjac::schema::kBnJvp);
   // Third-order links of the autograd chain (csrc/autograd/chain.h): the VJPs of softplus_dbwd and bn_dbwd,
   // implemented in Python (fastjac/ops/) by differentiating the reference formulas. `output_mask` says which
   // differentiable inputs need a gradient ((ggrad, grad, x) and (ggx, ggw, ggb, grad, x, weight)); the result
@@ -47,9 +41,9 @@ TORCH_LIBRARY(fastjac, m) {
       "conv_bwd_input(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, "
       "int groups) -> Tensor");
   // Perturbations (csrc/common/philox.h): counter-based noise regenerated from (seed, offset), never stored.
-  m.def("philox_words(Tensor like, int seed, int offset) -> Tensor");
-  m.def("perturb_fwd(Tensor x, Tensor sigma, int seed, int offset, int distribution) -> Tensor");
-  m.def("noise_row_dot(Tensor g, int seed, int offset, int distribution) -> Tensor");
+  m.def(fastjac::schema::kPhiloxWords);
+  m.def(fastjac::schema::kPerturbFwd);
+  m.def(fastjac::schema::kNoiseRowDot);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -30,7 +30,7 @@ WRAPPERS = [ROOT / "tests" / "cuda_emulation" / f"{op}.cpp" for op in EMULATED]
 def _sources() -> list[Path]:
     csrc = ROOT / "csrc"
     return sorted([*WRAPPERS, *(csrc / "cuda" / f"{op}.cu" for op in EMULATED), *(csrc / "cuda").glob("*.cuh"),
-                   csrc / "cuda" / "emulation.h", *(csrc / "common").glob("*.h")])
+                   csrc / "cuda" / "emulation.h", csrc / "kernel_schemas.h", *(csrc / "common").glob("*.h")])
 
 
 @functools.cache

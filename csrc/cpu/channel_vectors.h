@@ -4,37 +4,31 @@
 // kernel call.
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
-#include <cmath>
 #include <optional>
 #include <vector>
 
 #include "../common/aten_utils.h"
 #include "../common/batch_norm.h"
+#include "../common/channel_vector.h"
 
 namespace fastjac::cpu {
 
 // The values of a 1-D floating CPU tensor (any stride, any floating dtype) as double.
 inline std::vector<double> read_channels(const at::Tensor& t) {
+  const ChannelVector v = ChannelVector::of(t);
   std::vector<double> out(t.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "fastjac::read_channels", [&] {
-    const scalar_t* p = t.const_data_ptr<scalar_t>();
-    const int64_t stride = t.dim() ? t.stride(0) : 1;
-    for (size_t c = 0; c < out.size(); ++c) out[c] = static_cast<double>(p[c * stride]);
-  });
+  for (size_t c = 0; c < out.size(); ++c) out[c] = v.get(int64_t(c));
   return out;
 }
 
 // A new 1-D tensor of `dtype` holding `v` (rounded once from double).
 inline at::Tensor channel_tensor(const std::vector<double>& v, at::ScalarType dtype) {
   at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastjac::channel_tensor", [&] {
-    scalar_t* p = t.mutable_data_ptr<scalar_t>();
-    for (size_t c = 0; c < v.size(); ++c) p[c] = static_cast<scalar_t>(v[c]);
-  });
+  const ChannelVector out = ChannelVector::of(t);
+  for (size_t c = 0; c < v.size(); ++c) out.set(int64_t(c), v[c]);
   return t;
 }
 
@@ -42,14 +36,8 @@ inline at::Tensor channel_tensor(const std::vector<double>& v, at::ScalarType dt
 // update, bn_running_mean / bn_running_var, as PyTorch's CPU batch norm and the CUDA kernels' finishing step do).
 template <typename F>
 inline void update_channels(const at::Tensor& r, const F& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "fastjac::update_channels", [&] {
-    scalar_t* p = r.mutable_data_ptr<scalar_t>();
-    const int64_t stride = r.dim() ? r.stride(0) : 1;
-    for (int64_t c = 0; c < r.numel(); ++c) {
-      scalar_t& e = p[c * stride];
-      e = static_cast<scalar_t>(f(static_cast<double>(e), size_t(c)));
-    }
-  });
+  const ChannelVector v = ChannelVector::of(r);
+  for (int64_t c = 0; c < r.numel(); ++c) v.set(c, f(v.get(c), size_t(c)));
 }
 
 // bn_fwd's statistics tensors (statistics dtype).

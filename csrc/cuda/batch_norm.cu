@@ -27,6 +27,7 @@
 
 #include "../common/batch_norm.h"
 #include "../common/batch_norm_element.h"
+#include "../common/channel_vector.h"
 #include "launch.cuh"
 
 namespace fastjac::cuda {
@@ -78,33 +79,6 @@ struct BnLayout {
 
 // ---------------------------------------------------------------------------------------------------------
 // Per-channel values and the finishing step
-
-// A per-channel vector of any floating dtype and stride (the running statistics, whose dtype may differ from the
-// statistics dtype), read and written through double as the CPU kernels do (csrc/cpu/channel_vectors.h).
-struct ChannelVector {
-  void* data = nullptr;
-  int64_t stride = 1;
-  at::ScalarType dtype = at::kFloat;
-
-  __device__ double get(int64_t c) const {
-    const int64_t i = c * stride;
-    switch (dtype) {
-      case at::kDouble: return static_cast<const double*>(data)[i];
-      case at::kHalf: return double(float(static_cast<const c10::Half*>(data)[i]));
-      case at::kBFloat16: return double(float(static_cast<const c10::BFloat16*>(data)[i]));
-      default: return double(static_cast<const float*>(data)[i]);
-    }
-  }
-  __device__ void set(int64_t c, double v) const {
-    const int64_t i = c * stride;
-    switch (dtype) {
-      case at::kDouble: static_cast<double*>(data)[i] = v; break;
-      case at::kHalf: static_cast<c10::Half*>(data)[i] = c10::Half(float(v)); break;
-      case at::kBFloat16: static_cast<c10::BFloat16*>(data)[i] = c10::BFloat16(float(v)); break;
-      default: static_cast<float*>(data)[i] = float(v);
-    }
-  }
-};
 
 // Per-channel inputs and outputs of a kernel (statistics dtype A, which is also the compute type; nullptr =
 // absent: gamma 1, beta / p / q 0, output not written).
@@ -371,10 +345,7 @@ Tensor stat_empty(const Tensor& x) { return at::empty({x.size(1)}, x.options().d
 // Kernels
 
 // The running statistics as read and written by the finishing step (absent: data nullptr).
-ChannelVector channel_vector(const OptTensor& t) {
-  if (!t.has_value()) return {};
-  return ChannelVector{t->data_ptr(), t->dim() ? t->stride(0) : 1, t->scalar_type()};
-}
+ChannelVector channel_vector(const OptTensor& t) { return t.has_value() ? ChannelVector::of(*t) : ChannelVector{}; }
 
 // bn_fwd: training batch statistics (biased var) and running-statistics update, or eval running statistics;
 // y = z = gamma xh + beta (as bn_z), or relu(z) when `relu` (the mask is not stored: later kernels recompute it).
