@@ -5,6 +5,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <string.h>
 
 #include <type_traits>
 #include <utility>
@@ -21,10 +22,8 @@ namespace fastjac {
 // q = cu u + cg g~ + cx xh + c0. With kSum, every sum of BnSums whose operands are read is accumulated. With
 // kQNoXh, q omits its cx xh term although xh is read (by the sums or p): eval mode's gx of bn_bwd (gamma r g~) and
 // bn_dbwd (p r g~) do not depend on x, and 0 * xh would make them NaN at a non-finite x, where PyTorch's are finite.
-// kGMasked (CPU loops only, never in a plan): g holds g~ already, the mask applied by the loop before the element
-// (csrc/cpu/batch_norm.cpp, masked_grad).
 enum BnFlag : unsigned {
-  kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128, kQNoXh = 256, kGMasked = 512
+  kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128, kQNoXh = 256
 };
 
 // Per-channel constants of one loop, in the compute type A.
@@ -45,14 +44,32 @@ struct BnPtrs {
   T* __restrict__ q;
 };
 
+// on ? v : 0 for a float / double v, as an AND of v's bits with all ones or all zeros: bit for bit the selection
+// (v, or +0 where v is NaN or inf), but a just-loaded v stays a plain load. gcc 12 turns the selection, or an AND
+// with the unsigned 0 - on, into a zero-masking load (vmovups (mem), zmm{k}{z}), which made BN+ReLU's row loops
+// up to 1.25x BN's on AMD Zen 5; with the mask built as the signed -on it loads with vpandd (mem)
+// (benchmarks/RESULTS.md, stops 25 and 26). The CUDA kernels share it (a LOP3 instead of a SEL).
+template <typename A>
+FASTJAC_HOST_DEVICE FASTJAC_INLINE A bn_keep_if(bool on, A v) {
+  static_assert(sizeof(A) == 4 || sizeof(A) == 8, "float or double");
+  using Bits = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+  using Signed = std::conditional_t<sizeof(A) == 8, int64_t, int32_t>;
+  Bits b;
+  memcpy(&b, &v, sizeof b);
+  b &= Bits(-Signed(on));
+  memcpy(&v, &b, sizeof b);
+  return v;
+}
+
 // One element j of every pass after the forward statistics: accumulates the sums, writes the outputs.
 template <unsigned F, typename T, typename A>
 FASTJAC_HOST_DEVICE FASTJAC_INLINE void bn_element(const BnChannel<A>& k, const BnPtrs<T>& a, int64_t j, A& su,
                                                    A& sux, A& sg, A& sgx, A& sug) {
   constexpr bool U = F & kU, G = F & kG, X = F & kX, P = F & kOutP, Q = F & kOutQ, Y = F & kY, Z = F & kZ,
                  Sum = F & kSum, XQ = X && !(F & kQNoXh);
-  // The mask is applied as a selection (m ? v : 0) for float and double: gcc does not vectorise the bool -> float
-  // conversion of a 0 / 1 factor. For float16 / bfloat16 it is a product with m as 0 / 1 (the form these loops
+  // The mask is applied as a selection for float and double (bn_keep_if for g, m ? v : 0 for p): gcc does not
+  // vectorise the bool -> float conversion of a 0 / 1 factor. For float16 / bfloat16 it is a product with m as
+  // 0 / 1 (the form these loops
   // had with a stored mask): with the selection, gcc 13 computed wrong sums u g~ in the eval row loop of
   // bfloat16 (tests/test_kernels_cpu.py::test_bn_half); to be looked at, half types are not vectorised anyway.
   constexpr bool kSelect = std::is_same<T, A>::value;
@@ -67,11 +84,11 @@ FASTJAC_HOST_DEVICE FASTJAC_INLINE void bn_element(const BnChannel<A>& k, const 
   if constexpr (Z) on = bn_relu_on<T>(z);
   if constexpr (Z && !kSelect) m = on ? A(1) : A(0);
   if constexpr (G) {
-    // g is read unconditionally, then selected: a read under the mask (on ? g[j] : 0) became a masked load, with
-    // which gcc kept the row loops' sums in memory, stored and reloaded every iteration (a store-forwarding chain:
-    // BN+ReLU's bn_bwd took 1.7x BN's on AVX-512, benchmarks/RESULTS.md).
+    // g is read unconditionally, then masked: a read under the mask (on ? g[j] : 0) kept the row loops' sums in
+    // memory, stored and reloaded every iteration (a store-forwarding chain: BN+ReLU's bn_bwd took 1.7x BN's on
+    // AVX-512, benchmarks/RESULTS.md).
     const A graw = static_cast<A>(a.g[j]);
-    gj = !Z || (F & kGMasked) ? graw : kSelect ? (on ? graw : A(0)) : graw * m;
+    gj = !Z ? graw : kSelect ? bn_keep_if(on, graw) : graw * m;
   }
   if constexpr (Sum && U) su += uj;
   if constexpr (Sum && U && X) sux += uj * xh;

@@ -5,10 +5,6 @@
 // mode the coefficients do not depend on the sums, so one fused pass writes the outputs and the sums.
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -36,39 +32,6 @@ BnPtrs<T> ptrs(const BnRun<T, A>& r) {  // the arrays of one run
   return BnPtrs<T>{r.at(r.io.x), r.at(r.io.g), r.at(r.io.u), r.at(r.io.p), r.at(r.io.q)};
 }
 
-// g~ = relu_on(z) ? g : 0 for the n <= kChunk elements of a row (z = bn_z(x), as bn_element computes it), with
-// explicit AVX-512 where the target has it: a plain load, then a register-masked move. Left to itself, gcc 12
-// folds a selection of a just-loaded g (in bn_element, or written with intrinsics) into a zero-masking load
-// (vmovups (mem), zmm{k}{z}), which costs 1.43x a plain load and a masked move on AMD Zen 5 and made BN+ReLU's
-// bn_bwd 1.7x BN's there (benchmarks/RESULTS.md, stop 25); an empty asm on the loaded value keeps them apart.
-#if defined(__AVX512F__) && defined(__FP_FAST_FMA) && defined(__FP_FAST_FMAF)
-constexpr bool kMaskedGradSimd = true;
-template <typename A>
-void masked_grad(const BnZ<A>& zk, const A* x, const A* g, int64_t n, A* gt) {
-  int64_t j = 0;
-  if constexpr (std::is_same_v<A, float>) {
-    const __m512 a = _mm512_set1_ps(zk.a), c = _mm512_set1_ps(zk.c), zero = _mm512_setzero_ps();
-    for (; j + 16 <= n; j += 16) {
-      const __mmask16 on = _mm512_cmp_ps_mask(_mm512_fmadd_ps(a, _mm512_loadu_ps(x + j), c), zero, _CMP_NLE_UQ);
-      __m512 gv = _mm512_loadu_ps(g + j);
-      asm("" : "+v"(gv));  // a plain load, not folded into the masked move
-      _mm512_storeu_ps(gt + j, _mm512_maskz_mov_ps(on, gv));
-    }
-  } else {
-    const __m512d a = _mm512_set1_pd(zk.a), c = _mm512_set1_pd(zk.c), zero = _mm512_setzero_pd();
-    for (; j + 8 <= n; j += 8) {
-      const __mmask8 on = _mm512_cmp_pd_mask(_mm512_fmadd_pd(a, _mm512_loadu_pd(x + j), c), zero, _CMP_NLE_UQ);
-      __m512d gv = _mm512_loadu_pd(g + j);
-      asm("" : "+v"(gv));
-      _mm512_storeu_pd(gt + j, _mm512_maskz_mov_pd(on, gv));
-    }
-  }
-  for (; j < n; ++j) gt[j] = bn_relu_on<A>(bn_z(zk, x[j])) ? g[j] : A(0);
-}
-#else
-constexpr bool kMaskedGradSimd = false;
-#endif
-
 // bn_pass kernel of the affine passes: per-channel constants k, sums into BnSums.
 template <unsigned F, typename T_>
 struct AffinePass {
@@ -77,26 +40,12 @@ struct AffinePass {
   using Acc = Sums;
   const std::vector<ChannelCoef<A>>& k;
 
-  // The fused ReLU's g~ is masked before the element loop (masked_grad) where that is compiled in: `gt` then
-  // replaces g (premasked(a, gt)) and the loop runs with kGMasked.
-  static constexpr bool kPremask = kMaskedGradSimd && (F & kZ) && (F & kG) && std::is_same_v<T, A>;
-  static constexpr unsigned kLoopFlags = kPremask ? F | kGMasked : F;
-  static BnPtrs<T> premasked(const ChannelCoef<A>& kc, const BnPtrs<T>& a, int64_t len, A* gt) {
-    if constexpr (kPremask) {
-      masked_grad(kc.z, a.x, a.g, len, gt);
-      return BnPtrs<T>{a.x, gt, a.u, a.p, a.q};
-    } else {
-      return a;
-    }
-  }
-
   void row(int64_t c, const BnRun<T, A>& run, Acc& acc) const {
     const ChannelCoef<A> kc = k[c];
-    alignas(64) A gt[kPremask ? kChunk : 1];
-    const BnPtrs<T> a = premasked(kc, ptrs(run), run.len, gt);
+    const BnPtrs<T> a = ptrs(run);
     A su = 0, sux = 0, sg = 0, sgx = 0, sug = 0;
 #pragma omp simd reduction(+ : su, sux, sg, sgx, sug)
-    for (int64_t j = 0; j < run.len; ++j) bn_element<kLoopFlags>(kc, a, j, su, sux, sg, sgx, sug);
+    for (int64_t j = 0; j < run.len; ++j) bn_element<F>(kc, a, j, su, sux, sg, sgx, sug);
     if constexpr (F & kSum) acc.merge(Sums{su, sux, sg, sgx, sug});
   }
 
@@ -124,14 +73,13 @@ struct AffinePass {
     }
     void run(const BnRun<T, A>& run) {
       if (S >= kBroadcastMin) {
-        alignas(64) A gt[kPremask ? kSegment : 1];  // column mode: S < kRowMin (256) < kSegment (512)
         for (int64_t c = 0; c < nc; ++c) {
           const ChannelCoef<A> kc = pass.k[c0 + c];
-          const BnPtrs<T> a = premasked(kc, ptrs(BnRun<T, A>{run.io, run.i + c * S, S}), S, gt);
+          const BnPtrs<T> a = ptrs(BnRun<T, A>{run.io, run.i + c * S, S});
           A *su = at(kSu) + c * S, *sux = at(kSux) + c * S, *sg = at(kSg) + c * S, *sgx = at(kSgx) + c * S,
             *sug = at(kSug) + c * S;
           FASTJAC_OMP_SIMD
-          for (int64_t j = 0; j < S; ++j) bn_element<kLoopFlags>(kc, a, j, su[j], sux[j], sg[j], sgx[j], sug[j]);
+          for (int64_t j = 0; j < S; ++j) bn_element<F>(kc, a, j, su[j], sux[j], sg[j], sgx[j], sug[j]);
         }
         return;
       }
