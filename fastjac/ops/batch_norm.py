@@ -27,6 +27,7 @@ from ._checks import check_channel_vector, check_float_tensor
 from . import _vmap
 from ._paths import cpp_entry, use_cpp_chain
 from .frozen_backward import recording_switch
+from ._scoped import ScopedSetting
 from ._third_order import register_reference_vjp
 
 
@@ -63,8 +64,7 @@ class StatsSink:
         self.differentiable, self.stats = differentiable, None
 
 
-_STATS_SINK: contextvars.ContextVar[Optional[StatsSink]] = contextvars.ContextVar("fastjac_bn_stats_sink",
-                                                                                 default=None)
+_STATS_SINK: ScopedSetting[StatsSink] = ScopedSetting("fastjac_bn_stats_sink")
 
 
 def set_stats_sink(sink: Optional[StatsSink]) -> contextvars.Token:

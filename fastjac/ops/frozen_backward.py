@@ -38,14 +38,13 @@ route for it).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from typing import Iterator, Optional
 
 import torch
 
-_RECORDING: contextvars.ContextVar[Optional["FrozenBackward"]] = contextvars.ContextVar(
-    "fastjac_frozen_backward", default=None
-)
+from ._scoped import ScopedSetting
+
+_RECORDING: ScopedSetting["FrozenBackward"] = ScopedSetting("fastjac_frozen_backward")
 
 
 class FrozenBackward:
