@@ -32,8 +32,14 @@ log "gpu_check on $(hostname), $(nproc) cores"
 step machine 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
 
 export FASTJAC_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$NJOBS
+# The system compilers, as in session 9: that machine's default gcc (/opt/gcc/bin/gcc, also nvcc's host compiler)
+# linked libstdc++ statically into _C.so, and every extension error whose message prints an integer then crashed
+# the process (benchmarks/RESULTS.md, "First GPU measurements"). torch passes CC to nvcc as -ccbin.
+if [ -z "${CC:-}" ] && [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+log "compilers: CC=${CC:-default} CXX=${CXX:-default}"
 step build 240 $PY setup.py build_ext --inplace
-step backends 60 $PY -c "import fastjac, json; print(fastjac.backends()); print(json.dumps(fastjac._backend.build_info()))"
+# libstdc++ must be a shared dependency (see above); the build's JSON names the toolkit and architectures.
+step backends 60 bash -c "ldd fastjac/_C*.so | grep -E 'libstdc|libc10|libtorch_cuda'; $PY -c \"import fastjac, json; print(fastjac.backends()); print(json.dumps(fastjac._backend.build_info()))\""
 
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n $((NJOBS > 14 ? 14 : NJOBS))"
