@@ -33,8 +33,10 @@ Build switches (environment variables):
 
 CUDA sources are compiled with nvcc -O3 --expt-relaxed-constexpr -lineinfo (line tables for profilers, no device
 debug code). C++ sources are compiled with -O3, no debug info and OpenMP (at::parallel_for, `omp simd` loops). The
-C++ standard is the one torch.utils.cpp_extension adds for the installed torch (C++20 for torch 2.14, whose headers require it);
-the sources themselves are C++17.
+C++ standard is the one torch.utils.cpp_extension adds for the installed torch (C++20 for torch 2.14, whose headers require it;
+C++17 for torch 2.11); the sources themselves are C++17. After linking, the build checks that fastjac._C links
+libstdc++ as a shared library (build_support/libstdcxx.py: a static copy makes its error messages crash the
+interpreter) and records the answer in fastjac/_build_info.json; `import fastjac` warns when it is static.
 """
 import glob
 import json
@@ -47,6 +49,7 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 from build_support.cuda_toolkit import plan_cuda_build  # noqa: E402
+from build_support.libstdcxx import REBUILD_HINT, libstdcxx_linkage  # noqa: E402
 
 BUILD_INFO = os.path.join(ROOT, "fastjac", "_build_info.json")
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
@@ -126,10 +129,29 @@ def _extension():
     )
 
 
+def _record_libstdcxx(path):
+    """Record how the built extension links libstdc++ (build_support/libstdcxx.py); say so when statically."""
+    linkage = libstdcxx_linkage(path)
+    try:
+        with open(BUILD_INFO) as handle:
+            info = json.load(handle)
+    except (OSError, ValueError):
+        info = {}
+    _write_build_info(dict(info, libstdcxx=linkage))
+    if linkage == "static":
+        _say(f"WARNING: {os.path.basename(path)} links libstdc++ statically, so its error messages crash the "
+             f"interpreter instead of raising; {REBUILD_HINT}")
+
+
 def _cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildAndCheck(BuildExtension.with_options(use_ninja=True)):
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            _record_libstdcxx(self.get_ext_fullpath(ext.name))
+
+    return {"build_ext": BuildAndCheck}
 
 
 setup(ext_modules=[_extension()], cmdclass=_cmdclass())

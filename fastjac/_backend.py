@@ -52,6 +52,22 @@ def build_info() -> dict:
         return {}
 
 
+def _static_libstdcxx_warning(info: dict) -> str | None:
+    """The warning ``import fastjac`` gives when ``setup.py`` found libstdc++ linked statically into ``fastjac._C``
+    (build_support/libstdcxx.py), or None."""
+    if info.get("libstdcxx") != "static":
+        return None
+    return ("fastjac._C links libstdc++ statically, so an error raised by its kernels can crash the interpreter "
+            "instead of raising; rebuild with a compiler that links it as a shared library, e.g. "
+            "CC=/usr/bin/gcc CXX=/usr/bin/g++ pip install -e . --no-build-isolation")
+
+
+if _C is not None and (_LIBSTDCXX_WARNING := _static_libstdcxx_warning(build_info())):
+    import warnings
+
+    warnings.warn(_LIBSTDCXX_WARNING, RuntimeWarning, stacklevel=2)
+
+
 def _why_no_cuda() -> str:
     if _C is not None and not _cuda_compiled():
         why = build_info().get("cuda_skipped_because")
