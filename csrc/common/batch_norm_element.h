@@ -22,9 +22,7 @@ namespace fastjac {
 // q = cu u + cg g~ + cx xh + c0. With kSum, every sum of BnSums whose operands are read is accumulated. With
 // kQNoXh, q omits its cx xh term although xh is read (by the sums or p): eval mode's gx of bn_bwd (gamma r g~) and
 // bn_dbwd (p r g~) do not depend on x, and 0 * xh would make them NaN at a non-finite x, where PyTorch's are finite.
-enum BnFlag : unsigned {
-  kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128, kQNoXh = 256
-};
+enum BnFlag : unsigned { kU = 1, kG = 2, kX = 4, kOutP = 8, kOutQ = 16, kY = 32, kSum = 64, kZ = 128, kQNoXh = 256 };
 
 // Per-channel constants of one loop, in the compute type A.
 template <typename A>
@@ -69,9 +67,9 @@ FASTJAC_HOST_DEVICE FASTJAC_INLINE void bn_element(const BnChannel<A>& k, const 
                  Sum = F & kSum, XQ = X && !(F & kQNoXh);
   // The mask is applied as a selection for float and double (bn_keep_if for g, m ? v : 0 for p): gcc does not
   // vectorise the bool -> float conversion of a 0 / 1 factor. For float16 / bfloat16 it is a product with m as
-  // 0 / 1 (the form these loops
-  // had with a stored mask): with the selection, gcc 13 computed wrong sums u g~ in the eval row loop of
-  // bfloat16 (tests/test_kernels_cpu.py::test_bn_half); to be looked at, half types are not vectorised anyway.
+  // 0 / 1 (the form these loops had with a stored mask): with the selection, gcc 13 computed wrong sums u g~ in the
+  // eval row loop of bfloat16 (tests/test_kernels_cpu.py::test_bn_half); to be looked at, half types are not
+  // vectorised anyway.
   constexpr bool kSelect = std::is_same<T, A>::value;
   A uj = A(0), gj = A(0), xh = A(0), z = A(0), m = A(1);
   bool on = true;

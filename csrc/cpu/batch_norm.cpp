@@ -41,8 +41,8 @@ struct AffinePass {
   const std::vector<ChannelCoef<A>>& k;
 
   void row(int64_t c, const BnRun<T, A>& run, Acc& acc) const {
-    const ChannelCoef<A> kc = k[c];
     const BnPtrs<T> a = ptrs(run);
+    const ChannelCoef<A> kc = k[c];
     A su = 0, sux = 0, sg = 0, sgx = 0, sug = 0;
 #pragma omp simd reduction(+ : su, sux, sg, sgx, sug)
     for (int64_t j = 0; j < run.len; ++j) bn_element<F>(kc, a, j, su, sux, sg, sgx, sug);
@@ -74,8 +74,8 @@ struct AffinePass {
     void run(const BnRun<T, A>& run) {
       if (S >= kBroadcastMin) {
         for (int64_t c = 0; c < nc; ++c) {
-          const ChannelCoef<A> kc = pass.k[c0 + c];
           const BnPtrs<T> a = ptrs(BnRun<T, A>{run.io, run.i + c * S, S});
+          const ChannelCoef<A> kc = pass.k[c0 + c];
           A *su = at(kSu) + c * S, *sux = at(kSux) + c * S, *sg = at(kSg) + c * S, *sgx = at(kSgx) + c * S,
             *sug = at(kSug) + c * S;
           FASTJAC_OMP_SIMD
